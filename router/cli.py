@@ -17,7 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("router.serve", "run the router: the external.metrics.k8s.io APIService backend"),
     "certs": ("router.certs_cli", "development PKI: CAs, serving and client certificates"),
     "render": ("router.render", "render manifests (NetworkPolicies, APIService) for the tenants"),
-    "reloader": ("router.reloader_cli", "run a tenant's KEDA operator, restarting it on namespace changes"),
+    "reloader": (
+        "router.reloader_cli",
+        "run a tenant's KEDA operator, restarting it on namespace changes",
+    ),
     "demo": ("router.demo", "the whole request path on this machine, no cluster needed"),
 }
 
@@ -25,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metrics-router",
-        description="Route external.metrics.k8s.io requests to each tenant's own KEDA metrics server.",
+        description="Route external.metrics.k8s.io requests to each tenant's KEDA metrics server.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen subcommand's module is imported; the others are listed by name.

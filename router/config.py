@@ -1,0 +1,376 @@
+"""Command-line options parsed once into frozen settings, every error reported at once.
+
+Pure: argparse and the standard library only. Flag names follow kube-apiserver conventions so
+operators recognise them (`--secure-port`, `--tls-cert-file`, `--requestheader-*`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_USERNAME_HEADERS = ("X-Remote-User",)
+DEFAULT_UID_HEADERS = ("X-Remote-Uid",)
+DEFAULT_GROUP_HEADERS = ("X-Remote-Group",)
+DEFAULT_EXTRA_PREFIXES = ("X-Remote-Extra-",)
+DEFAULT_TENANT_PATTERN = r"^tenant-(?P<tenant>[a-z0-9]+)(--.+)?$"
+DEFAULT_TENANT_ROOT_LABEL = "tenancy.metrics-router.io/root=true"
+DEFAULT_UPSTREAM_SERVICE_SELECTOR = "app.kubernetes.io/name=keda-operator-metrics-apiserver"
+STRATEGIES = ("hnc", "label", "pattern")
+
+
+class ConfigError(Exception):
+    """Invalid options; ``errors`` holds every problem found, one message each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHeaderSettings:
+    """How the aggregator's identity is authenticated and which headers carry it.
+
+    Mirrors kube-apiserver's --requestheader-* flags and the keys of the
+    kube-system/extension-apiserver-authentication ConfigMap.
+    """
+
+    client_ca_file: Path | None = None
+    client_ca_pem: bytes | None = None  # set when the CA comes from the ConfigMap
+    allowed_names: tuple[str, ...] = ()
+    username_headers: tuple[str, ...] = DEFAULT_USERNAME_HEADERS
+    uid_headers: tuple[str, ...] = DEFAULT_UID_HEADERS
+    group_headers: tuple[str, ...] = DEFAULT_GROUP_HEADERS
+    extra_headers_prefixes: tuple[str, ...] = DEFAULT_EXTRA_PREFIXES
+
+
+@dataclass(frozen=True, slots=True)
+class TenancySettings:
+    """Namespace -> tenant resolution (first matching strategy wins) and tenant -> upstream."""
+
+    strategies: tuple[str, ...] = STRATEGIES
+    tenant_root_label: tuple[str, str] = ("tenancy.metrics-router.io/root", "true")
+    tenant_label: str | None = None
+    tenant_pattern: str = DEFAULT_TENANT_PATTERN
+    namespace_selector: str | None = None
+    upstream_service_selector: str = DEFAULT_UPSTREAM_SERVICE_SELECTOR
+    upstream_template: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    secure_port: int
+    bind_address: str
+    tls_cert_file: Path
+    tls_private_key_file: Path
+    requestheader: RequestHeaderSettings
+    # True when any --requestheader-* flag was given: then the ConfigMap is not consulted.
+    requestheader_from_flags: bool
+    proxy_client_cert_file: Path
+    proxy_client_key_file: Path
+    upstream_ca_file: Path | None
+    upstream_timeout: float
+    upstream_connect_timeout: float
+    routes_file: Path | None
+    kubeconfig: Path | None
+    default_upstream: str | None
+    default_upstream_server_name: str | None
+    metrics_bind_address: str | None  # None = disabled ("0")
+    max_inflight_per_tenant: int
+    max_idle_connections_per_upstream: int
+    shutdown_grace_period: float
+    file_check_interval: float
+    workers: int
+    log_format: str
+    log_level: str
+    tenancy: TenancySettings = field(default_factory=TenancySettings)
+
+    @property
+    def uses_cluster(self) -> bool:
+        """Routes come from the cluster (kubeconfig or in-cluster) unless a routes file is set."""
+        return self.routes_file is None
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def add_tenancy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Tenancy flags shared by `serve` and `reloader`."""
+    g = parser.add_argument_group("tenancy (routes from the cluster)")
+    g.add_argument("--kubeconfig", type=Path, help="kubeconfig file; default: in-cluster config")
+    g.add_argument(
+        "--namespace-selector",
+        help="label selector limiting the namespaces considered (e.g. 'tenancy.io/managed=true')",
+    )
+    g.add_argument(
+        "--tenant-strategies",
+        default=",".join(STRATEGIES),
+        help="comma list of namespace->tenant strategies tried in order: hnc, label, pattern "
+        "(default %(default)s)",
+    )
+    g.add_argument(
+        "--tenant-root-label",
+        default=DEFAULT_TENANT_ROOT_LABEL,
+        help="hnc strategy: KEY=VALUE label marking a tenant root namespace (default %(default)s)",
+    )
+    g.add_argument(
+        "--tenant-label", help="label strategy: namespace label KEY whose value names the tenant"
+    )
+    g.add_argument(
+        "--tenant-pattern",
+        default=DEFAULT_TENANT_PATTERN,
+        help="pattern strategy: regular expression on the namespace name with a 'tenant' group "
+        "(default %(default)s)",
+    )
+    g.add_argument(
+        "--upstream-service-selector",
+        default=DEFAULT_UPSTREAM_SERVICE_SELECTOR,
+        help="label selector of each tenant's KEDA metrics apiserver Service (default %(default)s)",
+    )
+    g.add_argument(
+        "--upstream-template",
+        help="tenant upstream URL template instead of Service discovery, e.g. "
+        "'https://keda-operator-metrics-apiserver.{tenant}--sys.svc:443'",
+    )
+
+
+def tenancy_from_args(args: argparse.Namespace, errors: list[str]) -> TenancySettings:
+    strategies = _csv(args.tenant_strategies)
+    for s in strategies:
+        if s not in STRATEGIES:
+            errors.append(
+                f"--tenant-strategies: unknown strategy {s!r} (want {', '.join(STRATEGIES)})"
+            )
+    if not strategies:
+        errors.append("--tenant-strategies: at least one strategy is required")
+    if (
+        "label" in strategies
+        and not args.tenant_label
+        and args.tenant_strategies != ",".join(STRATEGIES)
+    ):
+        errors.append("--tenant-strategies includes 'label' but --tenant-label is not set")
+    key, sep, value = str(args.tenant_root_label).partition("=")
+    if not sep or not key:
+        errors.append(f"--tenant-root-label: want KEY=VALUE, got {args.tenant_root_label!r}")
+    try:
+        compiled = re.compile(args.tenant_pattern)
+        if "tenant" not in compiled.groupindex:
+            errors.append("--tenant-pattern: the expression needs a named group 'tenant'")
+    except re.error as exc:
+        errors.append(f"--tenant-pattern: invalid regular expression: {exc}")
+    template = args.upstream_template
+    if template is not None:
+        if "{tenant}" not in template:
+            errors.append("--upstream-template: must contain '{tenant}'")
+        if not template.startswith("https://"):
+            errors.append("--upstream-template: must be an https:// URL")
+    return TenancySettings(
+        strategies=strategies,
+        tenant_root_label=(key, value),
+        tenant_label=args.tenant_label,
+        tenant_pattern=args.tenant_pattern,
+        namespace_selector=args.namespace_selector,
+        upstream_service_selector=args.upstream_service_selector,
+        upstream_template=template,
+    )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("secure serving")
+    g.add_argument("--secure-port", type=int, default=6443, help="HTTPS port (default %(default)s)")
+    g.add_argument("--bind-address", default="0.0.0.0", help="address to listen on")
+    g.add_argument("--tls-cert-file", type=Path, help="serving certificate (PEM, with chain)")
+    g.add_argument("--tls-private-key-file", type=Path, help="serving certificate key (PEM)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes serving the same port with SO_REUSEPORT, each with its own pools",
+    )
+
+    g = parser.add_argument_group("authentication of the aggregator (requestheader)")
+    g.add_argument(
+        "--requestheader-client-ca-file",
+        type=Path,
+        help="CA that signs the aggregator's client certificate (front-proxy CA); default: read "
+        "from kube-system/extension-apiserver-authentication in a cluster",
+    )
+    g.add_argument(
+        "--requestheader-allowed-names",
+        help="comma list of client certificate common names allowed; empty = any from the CA",
+    )
+    g.add_argument("--requestheader-username-headers", help="default X-Remote-User")
+    g.add_argument("--requestheader-uid-headers", help="default X-Remote-Uid")
+    g.add_argument("--requestheader-group-headers", help="default X-Remote-Group")
+    g.add_argument("--requestheader-extra-headers-prefix", help="default X-Remote-Extra-")
+
+    g = parser.add_argument_group("upstreams (tenant KEDA metrics servers)")
+    g.add_argument("--proxy-client-cert-file", type=Path, help="the router's client certificate")
+    g.add_argument("--proxy-client-key-file", type=Path, help="the router's client key")
+    g.add_argument("--upstream-ca-file", type=Path, help="CA bundle for upstream serving certs")
+    g.add_argument(
+        "--upstream-timeout", type=float, default=10.0, help="seconds per upstream request"
+    )
+    g.add_argument(
+        "--upstream-connect-timeout",
+        type=float,
+        default=3.0,
+        help="seconds to connect and handshake with an upstream",
+    )
+    g.add_argument(
+        "--max-inflight-per-tenant",
+        type=int,
+        default=64,
+        help="requests in flight per tenant before fast 429s (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-idle-connections-per-upstream",
+        type=int,
+        default=32,
+        help="keep-alive connections kept per upstream (default %(default)s)",
+    )
+    g.add_argument("--routes-file", type=Path, help="YAML routes file (instead of the cluster)")
+    g.add_argument(
+        "--default-upstream",
+        help="https URL for namespaces of no tenant (default: such namespaces get 404)",
+    )
+    g.add_argument("--default-upstream-server-name", help="TLS server name of the default upstream")
+
+    add_tenancy_arguments(parser)
+
+    g = parser.add_argument_group("operation")
+    g.add_argument(
+        "--metrics-bind-address",
+        default="0.0.0.0:9090",
+        help="HOST:PORT for /metrics, /routes and health; '0' disables (default %(default)s)",
+    )
+    g.add_argument(
+        "--shutdown-grace-period",
+        type=float,
+        default=15.0,
+        help="seconds in-flight requests may take after SIGTERM (default %(default)s)",
+    )
+    g.add_argument(
+        "--file-check-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks of certificate and routes files for changes",
+    )
+    g.add_argument("--log-format", choices=("text", "json"), default="text")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def _need_file(errors: list[str], flag: str, value: Path | None) -> None:
+    if value is None:
+        errors.append(f"{flag} is required")
+    elif not value.is_file():
+        errors.append(f"{flag}: {value} is not a readable file")
+
+
+def _host_port(value: str, flag: str, errors: list[str]) -> str | None:
+    if value in ("0", ""):
+        return None
+    _host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        errors.append(f"{flag}: want HOST:PORT, got {value!r}")
+        return None
+    return value
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """Validate and complete `serve` options; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    _need_file(errors, "--tls-cert-file", args.tls_cert_file)
+    _need_file(errors, "--tls-private-key-file", args.tls_private_key_file)
+    _need_file(errors, "--proxy-client-cert-file", args.proxy_client_cert_file)
+    _need_file(errors, "--proxy-client-key-file", args.proxy_client_key_file)
+    if args.upstream_ca_file is not None:
+        _need_file(errors, "--upstream-ca-file", args.upstream_ca_file)
+    if args.routes_file is not None:
+        _need_file(errors, "--routes-file", args.routes_file)
+        if args.kubeconfig is not None:
+            errors.append("--routes-file and --kubeconfig are mutually exclusive")
+    if args.kubeconfig is not None:
+        _need_file(errors, "--kubeconfig", args.kubeconfig)
+    if not 0 <= args.secure_port <= 65535:
+        errors.append(f"--secure-port: {args.secure_port} is not a port")
+    for flag, value in (
+        ("--upstream-timeout", args.upstream_timeout),
+        ("--upstream-connect-timeout", args.upstream_connect_timeout),
+        ("--file-check-interval", args.file_check_interval),
+    ):
+        if not value > 0:
+            errors.append(f"{flag}: must be > 0")
+    if args.shutdown_grace_period < 0:
+        errors.append("--shutdown-grace-period: must be >= 0")
+    if args.max_inflight_per_tenant < 1:
+        errors.append("--max-inflight-per-tenant: must be >= 1")
+    if args.max_idle_connections_per_upstream < 0:
+        errors.append("--max-idle-connections-per-upstream: must be >= 0")
+    if args.workers < 1:
+        errors.append("--workers: must be >= 1")
+    if args.default_upstream is not None and not args.default_upstream.startswith("https://"):
+        errors.append("--default-upstream: must be an https:// URL")
+
+    header_flags = (
+        args.requestheader_client_ca_file,
+        args.requestheader_allowed_names,
+        args.requestheader_username_headers,
+        args.requestheader_uid_headers,
+        args.requestheader_group_headers,
+        args.requestheader_extra_headers_prefix,
+    )
+    from_flags = any(v is not None for v in header_flags)
+    if args.requestheader_client_ca_file is not None:
+        _need_file(errors, "--requestheader-client-ca-file", args.requestheader_client_ca_file)
+    elif args.routes_file is not None:
+        errors.append(
+            "--requestheader-client-ca-file is required with --routes-file (outside a cluster "
+            "there is no extension-apiserver-authentication ConfigMap to read)"
+        )
+    elif from_flags:
+        errors.append("--requestheader-client-ca-file is required with other --requestheader-*")
+    requestheader = RequestHeaderSettings(
+        client_ca_file=args.requestheader_client_ca_file,
+        allowed_names=_csv(args.requestheader_allowed_names),
+        username_headers=_csv(args.requestheader_username_headers) or DEFAULT_USERNAME_HEADERS,
+        uid_headers=_csv(args.requestheader_uid_headers) or DEFAULT_UID_HEADERS,
+        group_headers=_csv(args.requestheader_group_headers) or DEFAULT_GROUP_HEADERS,
+        extra_headers_prefixes=_csv(args.requestheader_extra_headers_prefix)
+        or DEFAULT_EXTRA_PREFIXES,
+    )
+    tenancy = tenancy_from_args(args, errors)
+    metrics = _host_port(args.metrics_bind_address, "--metrics-bind-address", errors)
+    if errors:
+        raise ConfigError(errors)
+    return ServeConfig(
+        secure_port=args.secure_port,
+        bind_address=args.bind_address,
+        tls_cert_file=args.tls_cert_file,
+        tls_private_key_file=args.tls_private_key_file,
+        requestheader=requestheader,
+        requestheader_from_flags=from_flags,
+        proxy_client_cert_file=args.proxy_client_cert_file,
+        proxy_client_key_file=args.proxy_client_key_file,
+        upstream_ca_file=args.upstream_ca_file,
+        upstream_timeout=args.upstream_timeout,
+        upstream_connect_timeout=args.upstream_connect_timeout,
+        routes_file=args.routes_file,
+        kubeconfig=args.kubeconfig,
+        default_upstream=args.default_upstream,
+        default_upstream_server_name=args.default_upstream_server_name,
+        metrics_bind_address=metrics,
+        max_inflight_per_tenant=args.max_inflight_per_tenant,
+        max_idle_connections_per_upstream=args.max_idle_connections_per_upstream,
+        shutdown_grace_period=args.shutdown_grace_period,
+        file_check_interval=args.file_check_interval,
+        workers=args.workers,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        tenancy=tenancy,
+    )

@@ -1,0 +1,194 @@
+"""TLS contexts from PEM files, rebuilt when the files change, last good version kept.
+
+Serving: the listening socket has one SSLContext whose SNI callback hands every new handshake
+the *current* context (serving certificate and requestheader client CA). A rotated certificate
+or CA therefore applies to new connections at once, established connections are untouched,
+and a bad new file never replaces a working context.
+
+The client certificate of the aggregator is requested, not required (as kube-apiserver does):
+health endpoints need none, and API paths answer a 401 Status without a verified one. A
+certificate that fails verification against the client CA fails the handshake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+
+logger = logging.getLogger(__name__)
+
+ALPN = ["http/1.1"]
+
+
+class TLSFileError(Exception):
+    """Files that cannot make a TLS context; the message names the files and the reason."""
+
+
+def _base_context(purpose: int) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(ALPN)
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes, what: str) -> None:
+    # load_cert_chain only takes paths: write the validated bytes to private temp files so the
+    # context is built from exactly the bytes we hashed (no race with a concurrent rotation).
+    with tempfile.TemporaryDirectory(prefix="mr-tls-") as tmp:
+        cert_path = Path(tmp) / "tls.crt"
+        key_path = Path(tmp) / "tls.key"
+        cert_path.write_bytes(cert)
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key)
+        try:
+            ctx.load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as exc:
+            raise TLSFileError(f"{what}: certificate and key do not load as a pair: {exc}") from exc
+        except ValueError as exc:
+            raise TLSFileError(f"{what}: {exc}") from exc
+
+
+def _load_ca(ctx: ssl.SSLContext, pem: bytes, what: str) -> None:
+    try:
+        ctx.load_verify_locations(cadata=pem.decode("ascii", errors="strict"))
+    except (ssl.SSLError, ValueError, UnicodeDecodeError) as exc:
+        raise TLSFileError(f"{what}: not a PEM CA bundle: {exc}") from exc
+
+
+def server_context(cert: bytes, key: bytes, client_ca: bytes) -> ssl.SSLContext:
+    ctx = _base_context(ssl.PROTOCOL_TLS_SERVER)
+    _load_chain(ctx, cert, key, "serving certificate")
+    _load_ca(ctx, client_ca, "requestheader client CA")
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_context(cert: bytes, key: bytes, ca: bytes | None) -> ssl.SSLContext:
+    ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if ca is None:
+        ctx.load_default_certs()
+    else:
+        _load_ca(ctx, ca, "upstream CA")
+    _load_chain(ctx, cert, key, "proxy client certificate")
+    return ctx
+
+
+def not_after(pem: bytes) -> datetime:
+    """Expiry of the first certificate in a PEM bundle."""
+    try:
+        return x509.load_pem_x509_certificates(pem)[0].not_valid_after_utc
+    except (ValueError, IndexError) as exc:
+        raise TLSFileError(f"not a PEM certificate: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    context: ssl.SSLContext
+    digest: str
+    expiry: dict[str, datetime]  # certificate name -> not-after
+
+
+Source = Callable[[], dict[str, bytes]]
+
+
+class ReloadingContext:
+    """Builds an SSLContext from named byte sources; rebuilds when their bytes change.
+
+    ``read`` returns the current bytes by name (files, or a CA from the ConfigMap);
+    ``build`` turns them into a context or raises TLSFileError. ``expiry_of`` names which
+    inputs are certificates whose expiry is exported.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        read: Source,
+        build: Callable[[dict[str, bytes]], ssl.SSLContext],
+        expiry_of: Sequence[str] = (),
+    ) -> None:
+        self.name = name
+        self._read = read
+        self._build = build
+        self._expiry_of = tuple(expiry_of)
+        self._loaded = self._load()  # raises at start-up: a bad file there is fatal
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self._loaded.context
+
+    @property
+    def expiry(self) -> dict[str, datetime]:
+        return self._loaded.expiry
+
+    def _load(self) -> Loaded:
+        try:
+            data = self._read()
+        except OSError as exc:
+            raise TLSFileError(f"{self.name}: cannot read {exc.filename}: {exc.strerror}") from exc
+        digest = hashlib.sha256(b"\0".join(data[k] for k in sorted(data))).hexdigest()
+        ctx = self._build(data)
+        expiry = {k: not_after(data[k]) for k in self._expiry_of if k in data}
+        return Loaded(ctx, digest, expiry)
+
+    def changed(self) -> bool:
+        """True when the sources hold other bytes than the loaded ones (cheap: one read)."""
+        try:
+            data = self._read()
+        except OSError:
+            return True  # surface the read error through reload()
+        digest = hashlib.sha256(b"\0".join(data[k] for k in sorted(data))).hexdigest()
+        return digest != self._loaded.digest
+
+    def reload(self) -> None:
+        """Rebuild from the current sources; on failure keep the last good context and raise."""
+        self._loaded = self._load()
+
+    def set_source(self, read: Source) -> None:
+        """Switch sources (e.g. a new client CA from the ConfigMap), validating before use."""
+        old = self._read
+        self._read = read
+        try:
+            self.reload()
+        except Exception:
+            self._read = old
+            raise
+
+
+def read_files(files: dict[str, Path]) -> Source:
+    def read() -> dict[str, bytes]:
+        return {name: path.read_bytes() for name, path in files.items()}
+
+    return read
+
+
+def listening_context(current: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """The context given to the listening socket: each handshake switches to ``current()``."""
+    first = current()
+    listen = _base_context(ssl.PROTOCOL_TLS_SERVER)
+    # The listening context itself needs the same verify mode: OpenSSL keeps the verify mode
+    # of the context the connection was created with and takes certificate, key and the CA
+    # store from the context switched to in the callback.
+    listen.verify_mode = ssl.CERT_OPTIONAL
+    listen.load_verify_locations(cadata=_ca_der_placeholder(first))
+
+    def switch(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.context = current()
+
+    listen.sni_callback = switch
+    return listen
+
+
+def _ca_der_placeholder(ctx: ssl.SSLContext) -> bytes:
+    """DER of the CAs in ``ctx`` (the listening context must trust something to request certs)."""
+    certs = ctx.get_ca_certs(binary_form=True)
+    return b"".join(c for c in certs if isinstance(c, bytes))
