@@ -314,6 +314,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         errors.append("--max-idle-connections-per-upstream: must be >= 0")
     if args.workers < 1:
         errors.append("--workers: must be >= 1")
+    elif args.workers > 1 and args.secure_port == 0:
+        errors.append("--workers > 1 needs a fixed --secure-port (the workers share it)")
     if args.default_upstream is not None and not args.default_upstream.startswith("https://"):
         errors.append("--default-upstream: must be an https:// URL")
 

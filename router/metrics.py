@@ -30,7 +30,7 @@ class ProxyMetrics:
         )
         self.upstream_errors = Counter(
             "metrics_router_upstream_errors_total",
-            "Upstream failures by tenant and kind: unreachable, timeout, tls, protocol, overloaded.",
+            "Upstream failures by tenant and kind (unreachable, timeout, tls, protocol, ...).",
             ["tenant", "kind"],
             registry=registry,
         )
@@ -39,11 +39,20 @@ class ProxyMetrics:
             "Requests in flight to each tenant's upstream.",
             ["tenant"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.routes = Gauge(
-            "metrics_router_routes", "Namespaces routed to a tenant.", registry=registry
+            "metrics_router_routes",
+            "Namespaces routed to a tenant.",
+            registry=registry,
+            multiprocess_mode="liveall",
         )
-        self.tenants = Gauge("metrics_router_tenants", "Tenants with a route.", registry=registry)
+        self.tenants = Gauge(
+            "metrics_router_tenants",
+            "Tenants with a route.",
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
         self.reloads = Counter(
             "metrics_router_reloads_total",
             "Reloads of routes and certificates by source and result (success, failure).",
@@ -55,6 +64,7 @@ class ProxyMetrics:
             "Expiry (Unix time) of each certificate the router uses.",
             ["certificate"],
             registry=registry,
+            multiprocess_mode="min",
         )
         self.unauthorized = Counter(
             "metrics_router_unauthorized_requests_total",

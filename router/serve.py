@@ -1,11 +1,29 @@
-"""`metrics-router serve`: parse options, build the Router, run until SIGTERM."""
+"""`metrics-router serve`: parse options, build the Router, run until SIGTERM.
+
+``--workers N`` (N > 1) makes this process a small supervisor: it forks N workers before any
+event loop exists; each binds the secure port with SO_REUSEPORT (the kernel spreads
+connections across them) and keeps its own upstream pools and TLS contexts. Worker 0 alone
+serves the metrics port, where Prometheus' multiprocess mode sums the counters of all workers.
+SIGTERM/SIGINT are forwarded to the workers; if one dies, the others are stopped and the
+supervisor exits with its code, so the pod restarts whole.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
 import sys
+import tempfile
+from collections.abc import Callable
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
 
 from router import logs
 from router.app import Router, StartupError
@@ -27,8 +45,13 @@ def install_uvloop() -> bool:
     return True
 
 
-async def serve(config: ServeConfig, *, reuse_port: bool = False) -> int:
-    router = Router(config, reuse_port=reuse_port)
+async def serve(
+    config: ServeConfig,
+    *,
+    reuse_port: bool = False,
+    metrics_view: Callable[[], CollectorRegistry] | None = None,
+) -> int:
+    router = Router(config, reuse_port=reuse_port, metrics_registry_view=metrics_view)
     try:
         await router.start()
     except StartupError as exc:
@@ -46,5 +69,75 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
         return 1
     logs.setup(config.log_level, config.log_format)
+    if config.workers > 1:
+        return supervise(config)
     install_uvloop()
     return asyncio.run(serve(config))
+
+
+def _worker(config: ServeConfig, index: int, multiproc_dir: str) -> None:
+    import prometheus_client.values
+    from prometheus_client import multiprocess
+
+    # Metrics created from here on write to per-process files the metrics port aggregates.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    prometheus_client.values.ValueClass = prometheus_client.values.get_value_class()  # type: ignore[no-untyped-call]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards one SIGTERM
+    metrics_view: Callable[[], CollectorRegistry] | None = None
+    if index == 0:
+        view = CollectorRegistry()
+        multiprocess.MultiProcessCollector(view, path=multiproc_dir)  # type: ignore[no-untyped-call]
+        metrics_view = lambda: view  # noqa: E731
+    else:
+        config = _without_metrics(config)
+    install_uvloop()
+    sys.exit(asyncio.run(serve(config, reuse_port=True, metrics_view=metrics_view)))
+
+
+def _without_metrics(config: ServeConfig) -> ServeConfig:
+    from dataclasses import replace
+
+    return replace(config, metrics_bind_address=None)
+
+
+def supervise(config: ServeConfig) -> int:
+    from prometheus_client import multiprocess
+
+    multiproc_dir = tempfile.mkdtemp(prefix="metrics-router-prom-")
+    ctx = multiprocessing.get_context("fork")
+    workers = [
+        ctx.Process(target=_worker, args=(config, i, multiproc_dir), name=f"worker-{i}")
+        for i in range(config.workers)
+    ]
+    for w in workers:
+        w.start()
+    logger.info("supervising workers=%d pids=%s", len(workers), [w.pid for w in workers])
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for w in workers:
+            if w.is_alive() and w.pid is not None:
+                os.kill(w.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    try:
+        remaining = list(workers)
+        while remaining:
+            multiprocessing.connection.wait([w.sentinel for w in remaining])
+            for w in [w for w in remaining if not w.is_alive()]:
+                remaining.remove(w)
+                w.join()
+                if w.pid is not None:
+                    multiprocess.mark_process_dead(w.pid, multiproc_dir)  # type: ignore[no-untyped-call]
+                exit_code = w.exitcode or 0
+                if not stopping:
+                    logger.error("worker %s exited with %s: stopping the others", w.name, exit_code)
+                    code = exit_code if exit_code > 0 else 1
+                    forward(signal.SIGTERM, None)
+    finally:
+        shutil.rmtree(multiproc_dir, ignore_errors=True)
+    return code
