@@ -45,8 +45,13 @@ class Router:
         registry: CollectorRegistry | None = None,
         reuse_port: bool = False,
         metrics_registry_view: Callable[[], CollectorRegistry] | None = None,
+        policy: Any = None,
     ) -> None:
+        """``policy``: ``policy_sync.PolicySyncSettings`` to manage NetworkPolicies (cluster
+        mode only), or None."""
         self.config = config
+        self._policy_settings = policy
+        self._policy_sync: Any = None
         self.registry = registry or CollectorRegistry()
         self._metrics_view = metrics_registry_view or (lambda: self.registry)
         self.metrics = ProxyMetrics(self.registry)
@@ -159,6 +164,12 @@ class Router:
         if self._stopping:
             return
         self._stopping = True
+        if self._policy_sync is not None:
+            # Let the policy loop release its Lease so a standby replica takes over at once.
+            await self._policy_sync.stop()
+            policy_task = next(t for t in self._tasks if t.get_name() == "policy-sync")
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(policy_task), timeout=5)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -301,13 +312,33 @@ class Router:
             self._api = await kube.api_client(cfg.kubeconfig)
         except Exception as exc:
             raise StartupError(f"cannot load Kubernetes client configuration: {exc}") from exc
+        sync = None
+        if self._policy_settings is not None:
+            from router.policy_sync import PolicySync
+
+            sync = self._policy_sync = PolicySync(
+                self._api,
+                kind=self._policy_settings.kind,
+                settings=self._policy_settings,
+                registry=self.registry,
+            )
+
+        def on_table(table: RouteTable) -> None:
+            self.live.swap(table, "cluster")
+            if sync is not None:
+                # The informer cache itself: root-namespace annotation edits that leave the
+                # table unchanged are picked up at the next resync.
+                sync.update(routes.resolution or table, routes.namespaces.cache)
+
         routes = reconciler.ClusterRoutes(
             self._api,
             cfg.tenancy,
             registry=self.registry,
-            on_table=lambda table: self.live.swap(table, "cluster"),
+            on_table=on_table,
             default=self.default_upstream,
         )
+        if sync is not None:
+            self._tasks.append(asyncio.create_task(sync.run(), name="policy-sync"))
         self._synced = routes.synced.is_set
         self._tasks.append(asyncio.create_task(routes.run(), name="cluster-routes"))
         if not cfg.requestheader_from_flags:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -33,7 +34,10 @@ logger = logging.getLogger("router.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from router.policy_sync import add_policy_arguments
+
     add_serve_arguments(parser)
+    add_policy_arguments(parser)
 
 
 def install_uvloop() -> bool:
@@ -50,8 +54,11 @@ async def serve(
     *,
     reuse_port: bool = False,
     metrics_view: Callable[[], CollectorRegistry] | None = None,
+    policy: Any = None,
 ) -> int:
-    router = Router(config, reuse_port=reuse_port, metrics_registry_view=metrics_view)
+    router = Router(
+        config, reuse_port=reuse_port, metrics_registry_view=metrics_view, policy=policy
+    )
     try:
         await router.start()
     except StartupError as exc:
@@ -62,17 +69,31 @@ async def serve(
 
 
 def run(args: argparse.Namespace) -> int:
+    from router.policy_sync import policy_settings_from_args
+
+    errors: list[str] = []
     try:
         config = serve_config_from_args(args)
     except ConfigError as exc:
-        for error in exc.errors:
+        errors.extend(exc.errors)
+    policy = policy_settings_from_args(args, errors)
+    if policy is not None:
+        if args.routes_file is not None:
+            errors.append(
+                "--manage-network-policies needs routes from the cluster, not --routes-file "
+                "(for GitOps, write the manifests with `metrics-router render --output-dir`)"
+            )
+        if args.workers > 1:
+            errors.append("--manage-network-policies runs with --workers 1 (one writer per pod)")
+    if errors:
+        for error in errors:
             print(f"error: {error}", file=sys.stderr)
         return 1
     logs.setup(config.log_level, config.log_format)
     if config.workers > 1:
         return supervise(config)
     install_uvloop()
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, policy=policy))
 
 
 def _worker(config: ServeConfig, index: int, multiproc_dir: str) -> None:
