@@ -18,10 +18,11 @@ import ssl
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,13 @@ def _base_context(purpose: int) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(ALPN)
+    if purpose == ssl.PROTOCOL_TLS_SERVER:
+        # No session resumption: a resumed session skips client certificate verification, so
+        # a session from before a requestheader CA rotation would keep the old CA's trust.
+        # (Session tickets off in TLS 1.2, no tickets issued in TLS 1.3.) The aggregator keeps
+        # its connections alive, so full handshakes are rare.
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
     return ctx
 
 
@@ -96,6 +104,7 @@ class Loaded:
     context: ssl.SSLContext
     digest: str
     expiry: dict[str, datetime]  # certificate name -> not-after
+    data: dict[str, bytes]  # the bytes the context was built from
 
 
 Source = Callable[[], dict[str, bytes]]
@@ -130,6 +139,10 @@ class ReloadingContext:
     def expiry(self) -> dict[str, datetime]:
         return self._loaded.expiry
 
+    def loaded_bytes(self, name: str) -> bytes:
+        """The bytes of input ``name`` in the context in force (the last good load)."""
+        return self._loaded.data.get(name, b"")
+
     def _load(self) -> Loaded:
         try:
             data = self._read()
@@ -138,7 +151,7 @@ class ReloadingContext:
         digest = hashlib.sha256(b"\0".join(data[k] for k in sorted(data))).hexdigest()
         ctx = self._build(data)
         expiry = {k: not_after(data[k]) for k in self._expiry_of if k in data}
-        return Loaded(ctx, digest, expiry)
+        return Loaded(ctx, digest, expiry, data)
 
     def changed(self) -> bool:
         """True when the sources hold other bytes than the loaded ones (cheap: one read)."""
@@ -192,3 +205,55 @@ def _ca_der_placeholder(ctx: ssl.SSLContext) -> bytes:
     """DER of the CAs in ``ctx`` (the listening context must trust something to request certs)."""
     certs = ctx.get_ca_certs(binary_form=True)
     return b"".join(c for c in certs if isinstance(c, bytes))
+
+
+class ResumedPeerVerifier:
+    """Re-checks the client certificate of a *resumed* TLS session against the current CA.
+
+    A resumed session skips certificate verification; in TLS 1.2 OpenSSL resumes by session
+    ID from a cache that Python cannot switch off, so a session from before a requestheader CA
+    rotation would keep the old CA's trust. Resumed connections are rare (the aggregator
+    keeps connections alive and does not resume), so this slow path costs nothing in practice:
+    the peer must be directly issued by a CA of the current bundle and be within its validity.
+    """
+
+    def __init__(self, ca_pem: Callable[[], bytes]) -> None:
+        self._ca_pem = ca_pem
+        self._bundle_pem: bytes | None = None
+        self._cas: list[x509.Certificate] = []
+        self._verdicts: dict[bytes, bool] = {}
+
+    def __call__(self, peer_der: bytes | None) -> bool:
+        if not peer_der:
+            return False
+        pem = self._ca_pem()
+        if pem != self._bundle_pem:
+            self._bundle_pem = pem
+            self._verdicts.clear()
+            try:
+                self._cas = x509.load_pem_x509_certificates(pem)
+            except ValueError:
+                self._cas = []
+        verdict = self._verdicts.get(peer_der)
+        if verdict is None:
+            verdict = self._verify(peer_der)
+            if len(self._verdicts) > 1024:
+                self._verdicts.clear()
+            self._verdicts[peer_der] = verdict
+        return verdict
+
+    def _verify(self, peer_der: bytes) -> bool:
+        try:
+            cert = x509.load_der_x509_certificate(peer_der)
+        except ValueError:
+            return False
+        now = datetime.now(UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return False
+        for ca in self._cas:
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return True
+        return False
