@@ -106,7 +106,10 @@ class Router:
             await self._start_cluster()
         try:
             self._serving = tlsfiles.ReloadingContext(
-                "serving", self._serving_source(), self._build_serving, expiry_of=("serving",)
+                "serving",
+                self._serving_source(),
+                self._build_serving,
+                expiry_of=("serving", "requestheader-ca"),
             )
         except tlsfiles.TLSFileError as exc:
             raise StartupError(str(exc)) from exc

@@ -1,0 +1,292 @@
+"""`metrics-router serve` as a process: start-up errors, serving, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from router.certs import Pki
+from router.keda_stub import KedaStub
+from tests.conftest import (
+    HPA_IDENTITY,
+    RawConnection,
+    client_ssl_context,
+    copy_file,
+    make_stub,
+    metric_path,
+    routes_yaml,
+)
+
+pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
+
+ROUTER_CMD = [sys.executable, "-m", "router"]
+_SERVING = re.compile(r"serving port=(\d+) metrics_port=(\d+)")
+
+
+def base_args(pki: Pki, routes_file: Path) -> list[str]:
+    return [
+        "serve",
+        "--secure-port", "0",
+        "--bind-address", "127.0.0.1",
+        "--tls-cert-file", str(pki.router_serving_cert),
+        "--tls-private-key-file", str(pki.router_serving_key),
+        "--requestheader-client-ca-file", str(pki.requestheader_ca),
+        "--requestheader-allowed-names", "front-proxy-client",
+        "--proxy-client-cert-file", str(pki.router_client_cert),
+        "--proxy-client-key-file", str(pki.router_client_key),
+        "--upstream-ca-file", str(pki.upstream_ca),
+        "--routes-file", str(routes_file),
+        "--metrics-bind-address", "127.0.0.1:0",
+        "--shutdown-grace-period", "5",
+    ]  # fmt: skip
+
+
+def with_flag(args: Sequence[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    out[out.index(flag) + 1] = value
+    return out
+
+
+@pytest.fixture
+def routes_file(tmp_path: Path) -> Path:
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_yaml({"a": (["tenant-a"], "https://127.0.0.1:1", None)}))
+    return path
+
+
+def run_cli(
+    args: Sequence[str], cmd: Sequence[str] = ROUTER_CMD
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, (fragment, proc.stderr)
+
+
+# --------------------------------------------------------------------------- start-up errors
+
+
+def test_missing_files_are_reported_together(pki: Pki, routes_file: Path, tmp_path: Path) -> None:
+    args = with_flag(base_args(pki, routes_file), "--tls-cert-file", str(tmp_path / "nope.crt"))
+    args = with_flag(args, "--proxy-client-key-file", str(tmp_path / "nope.key"))
+    proc = run_cli(args)
+    assert_clean_failure(
+        proc,
+        f"--tls-cert-file: {tmp_path / 'nope.crt'} is not a readable file",
+        f"--proxy-client-key-file: {tmp_path / 'nope.key'} is not a readable file",
+    )
+
+
+def test_no_flags_at_all_names_every_required_flag() -> None:
+    proc = run_cli(["serve", "--metrics-bind-address", "0"])
+    assert_clean_failure(
+        proc,
+        "--tls-cert-file is required",
+        "--tls-private-key-file is required",
+        "--proxy-client-cert-file is required",
+        "--proxy-client-key-file is required",
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "content", "fragment"),
+    [
+        ("--tls-cert-file", b"garbage\n", "serving"),
+        ("--tls-private-key-file", b"garbage\n", "serving"),
+        ("--requestheader-client-ca-file", b"garbage\n", "requestheader client CA"),
+        ("--proxy-client-cert-file", b"garbage\n", "proxy client certificate"),
+        ("--upstream-ca-file", b"garbage\n", "upstream CA"),
+        ("--routes-file", b"tenants: [broken", "--routes-file"),
+        ("--routes-file", b"tenants:\n  a: {namespaces: [x], upstream: 'http://h'}\n", "https://"),
+    ],
+)
+def test_bad_file_at_start_up_is_a_clear_error(
+    pki: Pki, routes_file: Path, tmp_path: Path, flag: str, content: bytes, fragment: str
+) -> None:
+    bad = tmp_path / "bad-file"
+    bad.write_bytes(content)
+    proc = run_cli(with_flag(base_args(pki, routes_file), flag, str(bad)))
+    assert_clean_failure(proc, "cannot start", fragment)
+
+
+def test_serving_certificate_with_the_wrong_key_is_refused(pki: Pki, routes_file: Path) -> None:
+    args = with_flag(
+        base_args(pki, routes_file), "--tls-private-key-file", str(pki.front_proxy_client_key)
+    )
+    assert_clean_failure(run_cli(args), "cannot start", "do not load as a pair")
+
+
+def test_port_in_use_is_a_clear_error(pki: Pki, routes_file: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = with_flag(base_args(pki, routes_file), "--secure-port", str(port))
+        assert_clean_failure(run_cli(args), "cannot start", f"127.0.0.1:{port}")
+
+
+def test_invalid_flag_values_are_reported(pki: Pki, routes_file: Path) -> None:
+    args = [
+        *base_args(pki, routes_file),
+        "--upstream-timeout", "0",
+        "--max-inflight-per-tenant", "0",
+        "--metrics-bind-address", "nonsense",
+    ]  # fmt: skip
+    assert_clean_failure(
+        run_cli(args),
+        "--upstream-timeout: must be > 0",
+        "--max-inflight-per-tenant: must be >= 1",
+        "--metrics-bind-address: want HOST:PORT",
+    )
+
+
+def test_console_script_is_installed(pki: Pki, routes_file: Path, tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("metrics-router")
+    if not script.exists():
+        pytest.skip("console script not installed next to the interpreter")
+    args = with_flag(base_args(pki, routes_file), "--tls-cert-file", str(tmp_path / "x"))
+    assert_clean_failure(run_cli(args, cmd=[str(script)]), "--tls-cert-file")
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class Running:
+    proc: asyncio.subprocess.Process
+    port: int
+    metrics_port: int
+    log: list[str]
+
+
+async def _read_until(
+    proc: asyncio.subprocess.Process, log: list[str], pattern: re.Pattern[str]
+) -> re.Match[str]:
+    assert proc.stderr is not None
+    while True:
+        line = (await proc.stderr.readline()).decode(errors="replace")
+        if not line:
+            raise AssertionError("router exited before serving:\n" + "".join(log))
+        log.append(line)
+        m = pattern.search(line)
+        if m is not None:
+            return m
+
+
+@contextlib.asynccontextmanager
+async def running_router(args: Sequence[str]) -> AsyncIterator[Running]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        *ROUTER_CMD,
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    log: list[str] = []
+    try:
+        m = await asyncio.wait_for(_read_until(proc, log, _SERVING), 30)
+        running = Running(proc, int(m.group(1)), int(m.group(2)), log)
+        # The metrics port answers once the event loop runs after start-up, i.e. once the
+        # signal handlers are installed.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{running.metrics_port}/healthz") as resp,
+        ):
+            assert resp.status == 200
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if proc.stderr is not None:
+            await proc.stderr.read()
+
+
+async def _drain(running: Running) -> str:
+    assert running.proc.stderr is not None
+    rest = await asyncio.wait_for(running.proc.stderr.read(), 30)
+    return "".join(running.log) + rest.decode(errors="replace")
+
+
+@pytest.fixture
+async def stub(pki: Pki) -> AsyncIterator[KedaStub]:
+    s = make_stub(pki, "a")
+    async with s:
+        yield s
+
+
+async def test_serves_and_exits_0_on_sigterm(pki: Pki, tmp_path: Path, stub: KedaStub) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(routes_yaml({"a": (["tenant-a"], stub.url, None)}))
+    async with running_router(base_args(pki, routes)) as r:
+        conn = await RawConnection.open(r.port, client_ssl_context(pki))
+        try:
+            reply = await conn.request(metric_path("tenant-a"), HPA_IDENTITY)
+        finally:
+            await conn.close()
+        assert reply.status == 200
+        assert stub.seen[0].peer_cn == "metrics-router"
+        r.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(r.proc.wait(), 30)
+        log = await _drain(r)
+    assert code == 0, log
+    assert "Traceback" not in log
+
+
+async def test_sigterm_lets_the_request_in_flight_finish(
+    pki: Pki, tmp_path: Path, stub: KedaStub
+) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(routes_yaml({"a": (["tenant-a"], stub.url, None)}))
+    stub.behaviour.delay = 0.5
+    async with running_router(base_args(pki, routes)) as r:
+        conn = await RawConnection.open(r.port, client_ssl_context(pki))
+        try:
+            in_flight = asyncio.create_task(conn.request(metric_path("tenant-a"), HPA_IDENTITY))
+            await stub.wait_for_requests(1, timeout=10)
+            r.proc.send_signal(signal.SIGTERM)
+            reply = await in_flight
+        finally:
+            await conn.close()
+        assert reply.status == 200
+        code = await asyncio.wait_for(r.proc.wait(), 30)
+        log = await _drain(r)
+    assert code == 0, log
+
+
+async def test_reloads_a_rotated_routes_file_while_running(
+    pki: Pki, tmp_path: Path, stub: KedaStub
+) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(routes_yaml({"a": (["tenant-a"], stub.url, None)}))
+    cert = copy_file(pki.router_serving_cert, tmp_path / "tls.crt")
+    args = with_flag(base_args(pki, routes), "--tls-cert-file", str(cert))
+    args += ["--file-check-interval", "0.05"]
+    async with running_router(args) as r:
+        routes.write_text(routes_yaml({"a": (["tenant-a", "tenant-a--new"], stub.url, None)}))
+        await asyncio.wait_for(_read_until(r.proc, r.log, re.compile("routes reloaded")), 30)
+        conn = await RawConnection.open(r.port, client_ssl_context(pki))
+        try:
+            reply = await conn.request(metric_path("tenant-a--new"), HPA_IDENTITY)
+        finally:
+            await conn.close()
+        assert reply.status == 200
+        r.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(r.proc.wait(), 30) == 0
