@@ -26,7 +26,7 @@ from router import tlsfiles
 from router.config import RequestHeaderSettings, ServeConfig
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
-from router.proxy import IdentityHeaders, Proxy
+from router.proxy import IdentityHeaders, Proxy, ProxyServer
 from router.routes import RoutesError, RouteTable, Upstream, parse_routes_file
 from router.upstream import UpstreamClient
 
@@ -63,7 +63,7 @@ class Router:
         self._serving: tlsfiles.ReloadingContext | None = None
         self._client_tls: tlsfiles.ReloadingContext | None = None
         self._client: UpstreamClient | None = None
-        self._runner: web.ServerRunner | None = None
+        self._server: ProxyServer | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._routes_digest: str | None = None
@@ -122,6 +122,7 @@ class Router:
             connect_timeout=cfg.upstream_connect_timeout,
             max_idle_per_upstream=cfg.max_idle_connections_per_upstream,
         )
+        serving = self._serving
         proxy = Proxy(
             routes=self.live,
             client=self._client,
@@ -129,29 +130,23 @@ class Router:
             metrics=self.metrics,
             max_inflight_per_tenant=cfg.max_inflight_per_tenant,
             ready=lambda: self.ready,
+            resumed_peer_ok=tlsfiles.ResumedPeerVerifier(
+                lambda: serving.loaded_bytes("requestheader-ca")
+            ),
         )
-        serving = self._serving
-        server = web.Server(proxy.handle, access_log=None)
-        self._runner = web.ServerRunner(
-            server, handle_signals=False, shutdown_timeout=cfg.shutdown_grace_period
-        )
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            cfg.bind_address,
-            cfg.secure_port,
-            ssl_context=tlsfiles.listening_context(lambda: serving.context),
-            reuse_port=self._reuse_port or None,
-            backlog=1024,
-        )
+        self._server = ProxyServer(proxy)
         try:
-            await site.start()
+            await self._server.start(
+                cfg.bind_address,
+                cfg.secure_port,
+                tlsfiles.listening_context(lambda: serving.context),
+                reuse_port=self._reuse_port,
+            )
         except OSError as exc:
-            await self._runner.cleanup()
             raise StartupError(
                 f"cannot listen on {cfg.bind_address}:{cfg.secure_port}: {exc.strerror}"
             ) from exc
-        self.port = self._runner.addresses[0][1]
+        self.port = self._server.port
         if cfg.metrics_bind_address is not None:
             await self._start_metrics(cfg.metrics_bind_address)
         self._tasks.append(asyncio.create_task(self._watch_files(), name="watch-files"))
@@ -178,8 +173,10 @@ class Router:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._runner is not None:
-            await self._runner.cleanup()  # closes listeners, waits for handlers (grace period)
+        if self._server is not None:
+            # Closes the listener and idle connections, lets requests in flight finish within
+            # the grace period, then aborts what is left.
+            await self._server.stop(self.config.shutdown_grace_period)
         if self._client is not None:
             await self._client.close()
         if self._metrics_runner is not None:
