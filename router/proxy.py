@@ -14,7 +14,6 @@ The secure port is served by :class:`ProxyServer`, a lean HTTP/1.1 server on asy
 (httptools parser, peer certificate read once per connection, no task or future per request,
 the answer written as one buffer). It exists because the profile said so: aiohttp's server
 machinery cost more CPU per request than NGINX's whole request path (see bench/README.md).
-:meth:`Proxy.handle` serves the same path behind an aiohttp low-level server.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
-from aiohttp import web
 
 from router import paths, status
 from router.config import RequestHeaderSettings
@@ -280,15 +278,6 @@ def _status_reply(err: status.StatusError) -> Reply:
     return Reply(err.code, _JSON_TYPE + extra, err.body())
 
 
-def _header_pairs(block: bytes) -> list[tuple[str, str]]:
-    pairs = []
-    for line in block.split(b"\r\n"):
-        if line:
-            name, _, value = line.partition(b": ")
-            pairs.append((name.decode("latin-1"), value.decode("latin-1")))
-    return pairs
-
-
 @dataclass(slots=True)
 class Exchange:
     """A request on its way to a tenant's upstream (steps 4 and 5 of the request path)."""
@@ -521,19 +510,6 @@ class Proxy:
             return self._refuse(status.not_found("the router serves no OpenAPI document"))
         self._metrics.observe("", 200, None)
         return Reply(200, b"Content-Type: " + ctype.encode("latin-1") + b"\r\n", body)
-
-    # ---- behind an aiohttp low-level server (web.Server(proxy.handle)) ----------------------
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        transport = request.transport
-        sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
-        reply = await self.respond(
-            request.method, request.raw_path, request.raw_headers, self.peer_name(sslobj)
-        )
-        resp = web.Response(status=reply.status, body=reply.body)
-        for name, value in _header_pairs(reply.headers):
-            resp.headers.add(name, value)
-        return resp
 
 
 # --------------------------------------------------------------------- the secure port server
