@@ -374,14 +374,10 @@ class Proxy:
     ) -> Reply | Exchange:
         path, _, _query = raw_path.partition("?")
         target = paths.classify(path)
-        if isinstance(target, status.StatusError):
-            return self._refuse(target)
-        kind = target.kind
-        if kind is paths.Kind.HEALTH:
+        if not isinstance(target, status.StatusError) and target.kind is paths.Kind.HEALTH:
             return self._health(path, method)
-        if method != "GET":
-            return self._refuse(status.method_not_allowed(method))
-
+        # Authenticate before anything else, as kube-apiserver does: a caller without a valid
+        # certificate learns nothing about which paths or methods exist.
         ids = self._identity()
         if cn is None:
             return self._unauthorized("no-certificate", "a client certificate is required")
@@ -389,6 +385,11 @@ class Proxy:
             return self._unauthorized(
                 "name-not-allowed", f"client certificate common name {cn!r} is not allowed"
             )
+        if isinstance(target, status.StatusError):
+            return self._refuse(target)
+        if method != "GET":
+            return self._refuse(status.method_not_allowed(method))
+        kind = target.kind
         if kind is not paths.Kind.METRIC:
             return self._discovery(kind, raw_headers)
 

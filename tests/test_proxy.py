@@ -536,6 +536,27 @@ async def test_discovery_needs_a_client_certificate(start_router: StartRouter) -
     assert reply.status == 401
 
 
+@pytest.mark.parametrize(
+    ("method", "target", "cert"),
+    [
+        ("GET", "/no/such/path", "none"),
+        ("GET", "/apis/external.metrics.k8s.io/v1beta1/namespaces/a%2F..%2Fb/m", "none"),
+        ("POST", "/apis/external.metrics.k8s.io/v1beta1/namespaces/tenant-a/m", "none"),
+        ("GET", "/no/such/path", "other"),
+        ("DELETE", "/apis", "other"),
+    ],
+)
+async def test_unauthenticated_callers_learn_nothing_about_paths_or_methods(
+    start_router: StartRouter, method: str, target: str, cert: ClientCert
+) -> None:
+    # Authentication comes first, as in kube-apiserver: 401, never 400/404/405.
+    h = await start_router({"a": ["tenant-a"]})
+    reply = await h.request(target, [], cert=cert, method=method)
+    assert reply.status == 401
+    assert reply.json()["reason"] == "Unauthorized"
+    assert h.seen_total() == 0
+
+
 # --------------------------------------------------------------------------- transport
 
 
