@@ -35,13 +35,16 @@ import pytest
 import yaml
 from aiohttp import web
 from cryptography import x509
+from kubernetes_asyncio.client import ApiClient
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from router import kube
 from router.app import Router
 from router.certs import Pki, generate_pki
 from router.config import add_serve_arguments, serve_config_from_args
 from router.keda_stub import KedaStub
+from tests.fakeapi import FakeKube
 
 PKI_TENANTS = ("a", "b", "c")
 METRIC_PREFIX = "/apis/external.metrics.k8s.io/v1beta1/namespaces"
@@ -595,3 +598,23 @@ async def no_leftover_tasks() -> AsyncIterator[None]:
         await asyncio.gather(*pending, return_exceptions=True)
         names = sorted(repr(t.get_coro()) for t in pending)
         pytest.fail(f"test left {len(pending)} asyncio task(s) running: {names}")
+
+
+# --------------------------------------------------------------------------- fake Kubernetes API
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeKube]:
+    """A fake Kubernetes API server on 127.0.0.1 (real HTTP, TLS, bearer token)."""
+    async with FakeKube(tmp_path) as f:
+        yield f
+
+
+@pytest.fixture
+async def api(fake: FakeKube) -> AsyncIterator[ApiClient]:
+    """The real kubernetes-asyncio client, configured from the fake's kubeconfig."""
+    client = await kube.api_client(fake.kubeconfig)
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -54,12 +54,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import json
 import re
 import ssl
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +70,7 @@ import yaml
 from aiohttp import web
 
 from router.certs import CertAndKey, issue_cert, make_ca
+from router.kube import Backoff
 
 Obj = dict[str, Any]
 GVR = tuple[str, str]  # (api_version, resource)
@@ -885,3 +887,20 @@ def _parse_path(path: str) -> tuple[GVR, str | None, str | None]:
             404, "NotFound", f"the server could not find the requested resource {path}"
         )
     return (api_version, rest[0]), namespace, rest[1] if len(rest) == 2 else None
+
+
+def fast_backoff() -> Backoff:
+    """A retry policy short enough for tests."""
+    return Backoff(initial=0.005, maximum=0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(coro: Coroutine[Any, Any, None]) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``coro`` as a task for the block's duration; cancel and await it afterwards."""
+    task = asyncio.create_task(coro)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -81,12 +81,6 @@ class Swaps:
 
 
 @pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeKube]:
-    async with FakeKube(tmp_path) as f:
-        yield f
-
-
-@pytest.fixture
 async def stubs(pki: Pki) -> AsyncIterator[dict[str, RecordingStub]]:
     started = {t: make_stub(pki, t) for t in ("a", "b")}
     for stub in started.values():

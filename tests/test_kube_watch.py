@@ -4,8 +4,7 @@ bookmarks, 410 relists, dropped connections, outages, errors, and the fake's wri
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -14,39 +13,9 @@ from kubernetes_asyncio.client import ApiClient
 
 from router import kube
 from router.kube import Backoff, Informer
-from tests.fakeapi import FakeKube, Signal
+from tests.fakeapi import FakeKube, Signal, fast_backoff, running
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
-
-def fast() -> Backoff:
-    return Backoff(initial=0.005, maximum=0.02)
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeKube]:
-    async with FakeKube(tmp_path) as f:
-        yield f
-
-
-@pytest.fixture
-async def api(fake: FakeKube) -> AsyncIterator[ApiClient]:
-    client = await kube.api_client(fake.kubeconfig)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@contextlib.asynccontextmanager
-async def running(coro: Coroutine[Any, Any, None]) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(coro)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class Watched:
@@ -56,7 +25,9 @@ class Watched:
         self.signal = Signal()
         self.changes = 0
         self.reasons: list[str] = []
-        self.informer = Informer(api, resource, backoff=fast(), on_restart=self._restart, **kw)
+        self.informer = Informer(
+            api, resource, backoff=fast_backoff(), on_restart=self._restart, **kw
+        )
 
     def _change(self) -> None:
         self.changes += 1
@@ -256,7 +227,7 @@ async def test_callback_error_is_not_retried(fake: FakeKube, api: ApiClient) -> 
     def broken() -> None:
         raise ZeroDivisionError
 
-    informer = Informer(api, "namespaces", backoff=fast())
+    informer = Informer(api, "namespaces", backoff=fast_backoff())
     with pytest.raises(ZeroDivisionError):
         await asyncio.wait_for(informer.run(broken), 2)
 

@@ -4,24 +4,19 @@ outages, and the extension-apiserver-authentication follower."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
-from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
-from router import kube
 from router.config import (
     DEFAULT_GROUP_HEADERS,
     DEFAULT_USERNAME_HEADERS,
     RequestHeaderSettings,
     TenancySettings,
 )
-from router.kube import Backoff
 from router.metrics import ProxyMetrics
 from router.reconciler import (
     ClusterRoutes,
@@ -30,7 +25,7 @@ from router.reconciler import (
     parse_auth_configmap,
 )
 from router.routes import RouteTable
-from tests.fakeapi import FakeKube, Signal
+from tests.fakeapi import FakeKube, Signal, fast_backoff, running
 
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}
 TPL = "https://keda-operator-metrics-apiserver.{tenant}--sys.svc:443"
@@ -39,36 +34,6 @@ CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
-
-def fast() -> Backoff:
-    return Backoff(initial=0.005, maximum=0.02)
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeKube]:
-    async with FakeKube(tmp_path) as f:
-        yield f
-
-
-@pytest.fixture
-async def api(fake: FakeKube) -> AsyncIterator[ApiClient]:
-    client = await kube.api_client(fake.kubeconfig)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@contextlib.asynccontextmanager
-async def running(coro: Coroutine[Any, Any, None]) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(coro)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class Tables:
@@ -99,7 +64,7 @@ class Tables:
 def make_routes(
     api: ApiClient, settings: TenancySettings, tables: Tables, registry: CollectorRegistry
 ) -> ClusterRoutes:
-    return ClusterRoutes(api, settings, registry=registry, on_table=tables, backoff=fast)
+    return ClusterRoutes(api, settings, registry=registry, on_table=tables, backoff=fast_backoff)
 
 
 PATTERN_TPL = TenancySettings(strategies=("pattern",), upstream_template=TPL)
@@ -351,7 +316,9 @@ async def test_requestheader_follower(fake: FakeKube, api: ApiClient) -> None:
         seen.append(settings)
         signal.notify()
 
-    follower = RequestHeaderFollower(api, on_change, registry=CollectorRegistry(), backoff=fast())
+    follower = RequestHeaderFollower(
+        api, on_change, registry=CollectorRegistry(), backoff=fast_backoff()
+    )
     async with running(follower.run()):
         await asyncio.wait_for(follower.got_first.wait(), 2)
         assert seen[0].allowed_names == ("front-proxy-client",)
