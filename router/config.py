@@ -231,7 +231,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-idle-connections-per-upstream",
         type=int,
-        default=32,
+        default=64,  # as many as --max-inflight-per-tenant: no TLS handshake churn at load
         help="keep-alive connections kept per upstream (default %(default)s)",
     )
     g.add_argument("--routes-file", type=Path, help="YAML routes file (instead of the cluster)")
