@@ -394,6 +394,19 @@ class Pki:
             raise KeyError(f"tenant {tenant!r} is not in this PKI (tenants: {self.tenants})")
         return tenant
 
+    def serve_flags(self) -> list[str]:
+        """The `metrics-router serve` TLS flags that use this PKI (the aggregator's CN
+        front-proxy-client is the one allowed name)."""
+        return [
+            "--tls-cert-file", str(self.router_serving_cert),
+            "--tls-private-key-file", str(self.router_serving_key),
+            "--requestheader-client-ca-file", str(self.requestheader_ca),
+            "--requestheader-allowed-names", FRONT_PROXY_CLIENT_CN,
+            "--proxy-client-cert-file", str(self.router_client_cert),
+            "--proxy-client-key-file", str(self.router_client_key),
+            "--upstream-ca-file", str(self.upstream_ca),
+        ]  # fmt: skip
+
     def files(self) -> tuple[Path, ...]:
         """Every file generate_pki writes, in a stable order."""
         fixed = (

@@ -59,13 +59,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote development PKI to {pki.directory} (tenants: {', '.join(pki.tenants)}):")
     for path in pki.files():
         print(f"  {path.name}")
-    print(
-        "serve flags: "
-        f"--tls-cert-file {pki.router_serving_cert} "
-        f"--tls-private-key-file {pki.router_serving_key} "
-        f"--requestheader-client-ca-file {pki.requestheader_ca} "
-        f"--proxy-client-cert-file {pki.router_client_cert} "
-        f"--proxy-client-key-file {pki.router_client_key} "
-        f"--upstream-ca-file {pki.upstream_ca}"
-    )
+    print("serve flags: " + " ".join(pki.serve_flags()))
     return 0

@@ -337,13 +337,7 @@ def serve_args(pki: Pki, routes_file: Path, extra_args: Sequence[str] = ()) -> l
     return [
         "--secure-port", "0",
         "--bind-address", "127.0.0.1",
-        "--tls-cert-file", str(pki.router_serving_cert),
-        "--tls-private-key-file", str(pki.router_serving_key),
-        "--requestheader-client-ca-file", str(pki.requestheader_ca),
-        "--requestheader-allowed-names", "front-proxy-client",
-        "--proxy-client-cert-file", str(pki.router_client_cert),
-        "--proxy-client-key-file", str(pki.router_client_key),
-        "--upstream-ca-file", str(pki.upstream_ca),
+        *pki.serve_flags(),
         "--routes-file", str(routes_file),
         "--metrics-bind-address", "127.0.0.1:0",
         "--file-check-interval", "3600",  # tests call router.check_files() themselves
