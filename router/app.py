@@ -14,8 +14,7 @@ import hashlib
 import json
 import logging
 import signal
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -419,10 +418,3 @@ class Router:
         if request.path == "/readyz" and not self.ready:
             return web.Response(status=503, text="not ready\n")
         return web.Response(text="ok\n")
-
-
-def now() -> float:
-    return time.time()
-
-
-Starter = Callable[[], Awaitable[None]]

@@ -368,9 +368,6 @@ class UpstreamClient:
             while pool.idle:
                 pool.idle.pop().close()
 
-    def idle_connections(self) -> int:
-        return sum(len(p.idle) for p in self._pools.values())
-
     async def close(self) -> None:
         """Close every connection; requests still in flight end with an error."""
         self._closed = True
