@@ -110,6 +110,10 @@ class Loaded:
 Source = Callable[[], dict[str, bytes]]
 
 
+def _digest(data: dict[str, bytes]) -> str:
+    return hashlib.sha256(b"\0".join(data[k] for k in sorted(data))).hexdigest()
+
+
 class ReloadingContext:
     """Builds an SSLContext from named byte sources; rebuilds when their bytes change.
 
@@ -148,7 +152,7 @@ class ReloadingContext:
             data = self._read()
         except OSError as exc:
             raise TLSFileError(f"{self.name}: cannot read {exc.filename}: {exc.strerror}") from exc
-        digest = hashlib.sha256(b"\0".join(data[k] for k in sorted(data))).hexdigest()
+        digest = _digest(data)
         ctx = self._build(data)
         expiry = {k: not_after(data[k]) for k in self._expiry_of if k in data}
         return Loaded(ctx, digest, expiry, data)
@@ -159,7 +163,7 @@ class ReloadingContext:
             data = self._read()
         except OSError:
             return True  # surface the read error through reload()
-        digest = hashlib.sha256(b"\0".join(data[k] for k in sorted(data))).hexdigest()
+        digest = _digest(data)
         return digest != self._loaded.digest
 
     def reload(self) -> None:
