@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from types import MappingProxyType
@@ -121,7 +122,7 @@ WANTED = (
 
 
 def leaf(**kw: Any) -> CertInfo:
-    base = {
+    base: dict[str, Any] = {
         "subject_cn": "metrics-router",
         "issuer_cn": "router-serving-ca",
         "not_before": NOW - 10 * DAY,
@@ -200,9 +201,7 @@ def router_state(
     text = METRICS % (NOW - 3600, failures, expiry)
     tenants: list[dict[str, Any]] = [{"tenant": t, "lastUpstreamError": None} for t in TENANTS]
     if error_at is not None:
-        stamp = __import__("time").strftime(
-            "%Y-%m-%dT%H:%M:%SZ", __import__("time").gmtime(error_at)
-        )
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(error_at))
         tenants[0]["lastUpstreamError"] = {"at": stamp, "kind": "tls", "message": "bad certificate"}
     return RouterState("http://127.0.0.1:9090", metrics_text=text, routes={"tenants": tenants})
 
@@ -240,7 +239,8 @@ def test_healthy_snapshot_passes_every_check() -> None:
     sections = {r.section for r in results if r.status == "ok"}
     assert sections == {s for s, _ in checks.SECTIONS}
     text = report.text(results)
-    assert "\u2717" not in text and "0 failed" in text
+    assert "\u2717" not in text
+    assert "0 failed" in text
 
 
 def test_routes_file_mode_skips_cluster_checks() -> None:
@@ -276,7 +276,8 @@ def tenancy(**changes: Any) -> Callable[[Snapshot], Snapshot]:
 
 def cm_data(**changes: str) -> Callable[[Snapshot], Snapshot]:
     def plant(s: Snapshot) -> Snapshot:
-        assert s.cluster is not None and s.cluster.auth_configmap is not None
+        assert s.cluster is not None
+        assert s.cluster.auth_configmap is not None
         data = {**s.cluster.auth_configmap["data"], **changes}
         return replace(s, cluster=replace(s.cluster, auth_configmap={"data": data}))
 
