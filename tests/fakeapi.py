@@ -33,7 +33,9 @@ Protocol
 Test helpers (synchronous unless marked async; call them from the test's event loop)
     ``add_namespace(name, labels=None)``, ``set_labels(resource, name, labels, namespace=None)``,
     ``add_service(namespace, name, labels=None, ports=(("https", 443),))``,
-    ``add_configmap(namespace, name, data)``, ``put(resource, obj, api_version="v1")``
+    ``add_configmap(namespace, name, data)``, ``add_endpoints(namespace, service, addresses,
+    ports=(("https", 443),), ready=True)`` (its EndpointSlice),
+    ``put(resource, obj, api_version="v1")``
     (create or replace), ``delete(resource, name, namespace=None, api_version="v1")``,
     ``get(resource, name, namespace=None, api_version="v1")``, ``objects(resource, ...)``,
     ``resource_version`` (current, int), ``compact()`` (history before now is gone),
@@ -87,6 +89,8 @@ KINDS = {
     "ciliumnetworkpolicies": "CiliumNetworkPolicy",
     "ciliumclusterwidenetworkpolicies": "CiliumClusterwideNetworkPolicy",
     "apiservices": "APIService",
+    "endpointslices": "EndpointSlice",
+    "deployments": "Deployment",
 }
 
 _END = object()  # end the watch stream normally
@@ -572,6 +576,37 @@ class FakeKube:
             "configmaps",
             {"apiVersion": "v1", "kind": "ConfigMap",
              "metadata": {"name": name, "namespace": namespace}, "data": dict(data)},
+        )  # fmt: skip
+
+    def add_endpoints(
+        self,
+        namespace: str,
+        service: str,
+        addresses: Iterable[str],
+        ports: Iterable[tuple[str | None, int]] = (("https", 443),),
+        *,
+        ready: bool = True,
+    ) -> Obj:
+        """The EndpointSlice ``<service>`` of a Service (label kubernetes.io/service-name)."""
+        port_list: list[Obj] = []
+        for pname, number in ports:
+            port_list.append(
+                {"port": number, "protocol": "TCP", **({"name": pname} if pname else {})}
+            )
+        return self.put(
+            "endpointslices",
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": service, "namespace": namespace,
+                             "labels": {"kubernetes.io/service-name": service}},
+                "addressType": "IPv4",
+                "ports": port_list,
+                "endpoints": [
+                    {"addresses": [a], "conditions": {"ready": ready}} for a in addresses
+                ],
+            },
+            api_version="discovery.k8s.io/v1",
         )  # fmt: skip
 
     def set_labels(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import ssl
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         data = {k: p.read_bytes() for k, p in files.items()}
-        context = tlsfiles.client_context(data["cert"], data["key"], data.get("ca"))
+        tls = gather.client_tls(data["cert"], data["key"], data.get("ca"))
     except (OSError, tlsfiles.TLSFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -217,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
             args.routes_file,
             args.kubeconfig,
             inputs,
-            context,
+            tls,
             network,
             metrics_url,
             router_cn=gather.first_cn(data["cert"]) or "metrics-router",
@@ -234,7 +233,7 @@ async def collect(
     routes_file: Path | None,
     kubeconfig: Path | None,
     inputs: gather.ClusterInputs,
-    context: ssl.SSLContext,
+    tls: gather.ClientTLS,
     network: gather.Network,
     metrics_url: str | None,
     *,
@@ -263,7 +262,7 @@ async def collect(
                 routes_file=RoutesFile(str(routes_file), error=str(exc)),
                 trust_skipped="the routes file could not be read",
             )
-        trust = await gather.probe_tenants(table, context, network)
+        trust = await gather.probe_tenants(table, tls, network)
         tenants = {t.name: t.namespaces for t in table.tenants}
         return replace(snapshot, routes_file=RoutesFile(str(routes_file), tenants), trust=trust)
     try:
@@ -275,6 +274,6 @@ async def collect(
     finally:
         await api.close()
     trust = await gather.probe_tenants(
-        table, context, network, cluster.endpoints, cluster.tenancy.upstreams
+        table, tls, network, cluster.endpoints, cluster.tenancy.upstreams
     )
     return replace(snapshot, cluster=cluster, trust=trust)

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from kubernetes_asyncio.client import ApiClient
 
-from router import kube
+from router import kube, tlsfiles
 from router.config import TenancySettings
 from router.doctor.checks import DOCTOR_GROUP, DOCTOR_USER, GROUP
 from router.doctor.snapshot import (
@@ -127,7 +127,7 @@ def first_cn(pem: bytes) -> str:
 
 def _classify(exc: BaseException) -> tuple[FailureKind, str]:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return "server-cert", exc.verify_message or str(exc)
+        return "server-cert", f"certificate verify failed: {exc.verify_message or exc}"
     if isinstance(exc, ssl.SSLError):
         reason = str(exc.reason or "")
         if any(alert in reason for alert in _CLIENT_CERT_ALERTS):
@@ -186,10 +186,41 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
+@dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """The router's client certificate as TLS contexts: ``default``, and ``tls12`` (at most
+    TLS 1.2, where a server judges the client certificate inside the handshake; in TLS 1.3 it
+    does so after the client has finished, so a refusal shows up only as a closed connection
+    or an alert on the first read)."""
+
+    default: ssl.SSLContext
+    tls12: ssl.SSLContext
+
+
+def client_tls(cert: bytes, key: bytes, ca: bytes | None) -> ClientTLS:
+    """Raises tlsfiles.TLSFileError for files that make no context."""
+    tls12 = tlsfiles.client_context(cert, key, ca)
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    return ClientTLS(tlsfiles.client_context(cert, key, ca), tls12)
+
+
+async def _refuses_client_cert(
+    host: str, port: int, tls: ClientTLS, server_name: str, within: float
+) -> str | None:
+    """Why a TLS 1.2 handshake with the router's certificate fails (None: it succeeds)."""
+    try:
+        await _handshake(_join(host, port), tls.tls12, server_name, within)
+    except ssl.SSLCertVerificationError:
+        return None  # our side refused; not the question asked here
+    except (OSError, TimeoutError, ssl.SSLError) as exc:
+        return _classify(exc)[1] if isinstance(exc, ssl.SSLError) else type(exc).__name__
+    return None
+
+
 async def probe_trust(
     tenant: str,
     upstream: Upstream,
-    context: ssl.SSLContext,
+    tls: ClientTLS,
     network: Network,
     address: str | None = None,
 ) -> TrustProbe:
@@ -203,17 +234,20 @@ async def probe_trust(
     host, port = split_address(dial)
     writer: asyncio.StreamWriter | None = None
     handshake_ok = False
+    version: str | None = None
     peer: CertInfo | None = None
+    chunks: list[bytes] = []
     try:
         reader, connected = await asyncio.wait_for(
             asyncio.open_connection(
-                host, port, ssl=context, server_hostname=upstream.tls_name, limit=MAX_BODY
+                host, port, ssl=tls.default, server_hostname=upstream.tls_name, limit=MAX_BODY
             ),
             network.timeout,
         )
         writer = connected
         handshake_ok = True
         obj = connected.get_extra_info("ssl_object")
+        version = obj.version() if obj is not None else None
         der = obj.getpeercert(binary_form=True) if obj is not None else None
         if der:
             peer = cert_info(x509.load_der_x509_certificate(der))
@@ -225,17 +259,37 @@ async def probe_trust(
         ).encode()
         connected.write(request)
         await connected.drain()
-        raw = await asyncio.wait_for(reader.read(MAX_BODY), network.timeout)
-        chunks = [raw]
-        while raw and sum(map(len, chunks)) < MAX_BODY:
+        while sum(map(len, chunks)) < MAX_BODY:
             raw = await asyncio.wait_for(reader.read(MAX_BODY), network.timeout)
+            if not raw:
+                break
             chunks.append(raw)
-        data = b"".join(chunks)
+        error: BaseException | None = None
     except (OSError, TimeoutError, ssl.SSLError) as exc:
-        kind, message = _classify(exc)
+        error = exc
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+    data = b"".join(chunks)
+    if handshake_ok and not data and version == "TLSv1.3":
+        # Closed (or reset) with no answer after a TLS 1.3 handshake: did the server refuse
+        # the router's certificate after the handshake? A TLS 1.2 handshake tells for sure.
+        refused = await _refuses_client_cert(host, port, tls, upstream.tls_name, network.timeout)
+        if refused is not None:
+            return _replace(
+                base,
+                failure="client-cert-refused",
+                message="a TLS 1.3 connection was closed without an answer, and a TLS 1.2 "
+                f"handshake with the same certificate fails ({refused})",
+                peer=peer,
+            )
+    if error is not None:
+        kind, message = _classify(error)
         if kind == "unreachable" and network.mode == "try" and not handshake_ok:
             return _replace(base, skipped=NOT_REACHABLE)
-        if handshake_ok and kind not in ("client-cert-refused",):
+        if handshake_ok and kind != "client-cert-refused":
             kind = "protocol"  # connected, then the answer broke
         return _replace(
             base,
@@ -244,11 +298,6 @@ async def probe_trust(
             message=message,
             peer=peer,
         )
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
     try:
         answer = _parse_http(data)
     except ValueError as exc:
@@ -656,7 +705,7 @@ async def _read_policies(
 
 async def probe_tenants(
     table: RouteTable,
-    context: ssl.SSLContext,
+    tls: ClientTLS,
     network: Network,
     endpoints: Mapping[str, Endpoints] | None = None,
     upstreams: Mapping[str, UpstreamService] | None = None,
@@ -674,7 +723,7 @@ async def probe_tenants(
                     name, upstream.url, upstream.tls_name, "-", skipped="no ready endpoint (see 4)"
                 )
             address = eps.ready[0]
-        return await probe_trust(name, upstream, context, network, address)
+        return await probe_trust(name, upstream, tls, network, address)
 
     return tuple(await asyncio.gather(*(one(t.name, t.upstream) for t in table.tenants)))
 
