@@ -13,12 +13,14 @@ import base64
 import contextlib
 import io
 import json
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from router import cli
 from router.app import Router
@@ -463,3 +465,106 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as exc:
         cli.main(["doctor", "--network", "sideways"])
     assert exc.value.code == 2
+
+
+async def render_policies(i: Install) -> list[dict[str, Any]]:
+    """The policies `metrics-router render` writes for this cluster (the CLI, from the fake)."""
+    out = i.tmp_path / "policies"
+    argv = [
+        "render", "--kubeconfig", str(i.fake.kubeconfig),
+        "--tenant-strategies", "pattern", "--tenant-pattern", PATTERN,
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    return [yaml.safe_load(p.read_text()) for p in sorted(out.glob("*.yaml"))]
+
+
+async def test_traffic_boundaries_missing_or_edited_policy(install: Install) -> None:
+    # The metrics servers listen on :6443 as in a cluster (no probes: --network none).
+    for t in TENANTS:
+        install.fake.add_endpoints(f"{t}--sys", KEDA_SVC, ["10.1.0.7"], [("https", 6443)])
+    install.fake.add_namespace("default")
+    install.fake.add_endpoints("default", "kubernetes", ["172.18.0.2"], [("https", 6443)])
+    policies = await render_policies(install)
+    assert len(policies) >= 3  # the router's, and per tenant
+    for obj in policies:
+        install.fake.put("networkpolicies", obj, api_version="networking.k8s.io/v1")
+    doctor = ("--manage-network-policies", "--network", "none")
+    code, report = await install.doctor(*doctor)
+    assert crosses(report) == [], report
+    assert code == 0
+    assert "\u2713 The NetworkPolicies the router renders exist and match" in report
+    assert "\u2713 tenant tenant-b: the router may reach its metrics server on :6443" in report
+
+    # A tenant's metrics-server policy deleted by hand, another one edited.
+    meta = [o["metadata"] for o in policies if "keda-metrics-apiserver" in o["metadata"]["name"]]
+    b = next(m for m in meta if "tenant-b" in m["name"])
+    a = next(m for m in meta if "tenant-a" in m["name"])
+    install.fake.delete("networkpolicies", b["name"], b["namespace"], "networking.k8s.io/v1")
+    edited = install.fake.get("networkpolicies", a["name"], a["namespace"], "networking.k8s.io/v1")
+    assert edited is not None
+    edited = json.loads(json.dumps(edited))
+    edited["spec"]["ingress"] = []
+    install.fake.put("networkpolicies", edited, api_version="networking.k8s.io/v1")
+    code, report = await install.doctor(*doctor)
+    got = crosses(report)
+    assert code == 1
+    assert f"{CROSS} The NetworkPolicies the router renders exist and match" in got
+    assert f"{CROSS} tenant tenant-b: the router may reach its metrics server on :6443" in got
+    assert f"{CROSS} tenant tenant-a: the router may reach its metrics server on :6443" in got
+    assert f"missing: NetworkPolicy/tenant-b--sys/{b['name']}" in report
+    assert f"differs from the rendering: NetworkPolicy/tenant-a--sys/{a['name']}" in report
+    assert "metrics-router render --kind networkpolicy" in report
+
+
+async def test_traffic_boundaries_wrong_port(install: Install) -> None:
+    """The policies allow :6443, but tenant-b's metrics server listens on :8443."""
+    install.fake.add_endpoints("tenant-a--sys", KEDA_SVC, ["10.1.0.7"], [("https", 6443)])
+    install.fake.add_endpoints("tenant-b--sys", KEDA_SVC, ["10.1.0.8"], [("https", 8443)])
+    install.fake.add_namespace("default")
+    install.fake.add_endpoints("default", "kubernetes", ["172.18.0.2"], [("https", 6443)])
+    for obj in await render_policies(install):
+        install.fake.put("networkpolicies", obj, api_version="networking.k8s.io/v1")
+    code, report = await install.doctor("--network", "none")  # auto: finds the owned policies
+    assert code == 1
+    assert crosses(report) == [
+        f"{CROSS} tenant tenant-b: the router may reach its metrics server on :6443"
+    ], report
+    assert "sends to :8443" in report
+    assert "keda.metricsServer.port" in report
+
+
+async def test_args_from_pid_takes_serve_flags(install: Install) -> None:
+    """`--args-from-pid` reads serve's flags from a process' command line; doctor's own win."""
+    p = install.pki
+    serve_flags = [
+        "serve", "--kubeconfig", str(install.fake.kubeconfig),
+        "--tenant-strategies", "pattern", "--tenant-pattern", PATTERN,
+        "--proxy-client-cert-file", str(p.router_client_cert),
+        "--proxy-client-key-file", str(p.router_client_key),
+        "--upstream-ca-file", str(p.upstream_ca),
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; sys.stdin.read()", *serve_flags,
+        stdin=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        argv = [
+            "doctor", "--args-from-pid", str(proc.pid), "--network", "direct",
+            "--metrics-url", f"http://127.0.0.1:{install.router.metrics_port}",
+        ]  # fmt: skip
+
+        def call() -> tuple[int, str]:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = cli.main(argv)
+            return code, out.getvalue()
+
+        code, report = await asyncio.to_thread(call)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        await proc.wait()
+    assert code == 0, report
+    assert "\u2713 tenant tenant-a: discovery GET as metrics-router:doctor" in report
+    assert "the router reads the ConfigMap (no --requestheader-* flags)" in report
