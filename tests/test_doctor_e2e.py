@@ -568,3 +568,26 @@ async def test_args_from_pid_takes_serve_flags(install: Install) -> None:
     assert code == 0, report
     assert "\u2713 tenant tenant-a: discovery GET as metrics-router:doctor" in report
     assert "the router reads the ConfigMap (no --requestheader-* flags)" in report
+
+
+async def test_router_metrics_through_the_services_proxy(install: Install) -> None:
+    """Without --metrics-url (a workstation), the router is read through the kube-apiserver's
+    services proxy; without RBAC for it, the check fails and says which permission."""
+    argv = [a for a in install.argv() if not a.startswith("http://")]
+    argv.remove("--metrics-url")
+
+    def call() -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli.main(argv)
+        return code, out.getvalue()
+
+    code, report = await asyncio.to_thread(call)
+    assert code == 0, report
+    assert "\u2713 Router 0.1.0 at services proxy metrics-router/metrics-router:metrics" in report
+    install.fake.proxy_forbidden = True
+    code, report = await asyncio.to_thread(call)
+    assert code == 1
+    assert crosses(report) == [f"{CROSS} The router's metrics endpoint"], report
+    assert "HTTP 403" in report
+    assert "services/proxy" in report

@@ -594,7 +594,8 @@ def _trust_result(probe: TrustProbe, router_cn: str) -> list[CheckResult]:
     s = "trust"
     hs = f"tenant {probe.tenant}: TLS handshake with the router's client certificate"
     gt = f"tenant {probe.tenant}: discovery GET as {DOCTOR_USER}"
-    where = f"{probe.upstream} (dialled {probe.address}, server name {probe.server_name})"
+    dialled = "" if probe.upstream.endswith(f"//{probe.address}") else f"dialled {probe.address}, "
+    where = f"{probe.upstream} ({dialled}server name {probe.server_name})"
     if probe.skipped is not None:
         return [skipped(s, hs, probe.skipped), skipped(s, gt, probe.skipped)]
     trust_fix = FIX_KEDA_TRUST.format(cn=router_cn)
@@ -963,16 +964,17 @@ def check_router(snapshot: Snapshot) -> list[CheckResult]:
     if r.skipped is not None:
         return [skipped(s, title, r.skipped)]
     if r.error is not None or r.metrics_text is None:
-        return [
-            fail(
-                s,
-                title,
-                [f"{r.url}: {r.error}"],
-                "pass --metrics-url of the router's metrics port (in the router's pod "
-                "http://127.0.0.1:9090; from a workstation after kubectl -n metrics-router "
-                "port-forward svc/metrics-router 9090)",
+        fix = (
+            "pass --metrics-url of the router's metrics port (in the router's pod "
+            "http://127.0.0.1:9090; from a workstation after kubectl -n metrics-router "
+            "port-forward svc/metrics-router 9090)"
+        )
+        if r.url.startswith("services proxy"):
+            fix = (
+                "allow get on services/proxy for the router's Service to the identity doctor "
+                "runs as (kubectl auth can-i get services/proxy -n metrics-router), or " + fix
             )
-        ]
+        return [fail(s, title, [f"{r.url}: {r.error}"], fix)]
     try:
         samples = _samples(r.metrics_text)
     except ValueError as exc:

@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--metrics-url",
         help="the router's metrics endpoint (/metrics, /routes); default in the router's pod "
-        "http://127.0.0.1:9090, elsewhere none (e.g. after kubectl port-forward)",
+        "http://127.0.0.1:9090, elsewhere the kube-apiserver's services proxy to the router "
+        "Service's port 'metrics'",
     )
     g.add_argument(
         "--network",
@@ -271,6 +272,11 @@ async def collect(
         return replace(snapshot, cluster_error=str(exc), trust_skipped="no cluster")
     try:
         cluster, table = await gather.read_cluster(api, inputs, network)
+        if router.skipped is not None:
+            router = await gather.read_router_via_api(
+                api, inputs.router_namespace, inputs.router_service, network.timeout
+            )
+            snapshot = replace(snapshot, router=router)
     finally:
         await api.close()
     trust = await gather.probe_tenants(

@@ -391,6 +391,48 @@ async def read_router(url: str, within: float) -> RouterState:
     return RouterState(base, metrics_text=text, routes=routes)
 
 
+async def _proxy_get(api: ApiClient, path: str, within: float) -> tuple[int, bytes]:
+    response = await api.call_api(
+        path,
+        "GET",
+        header_params={"Accept": "*/*"},
+        auth_settings=["BearerToken"],
+        _preload_content=False,
+        _request_timeout=aiohttp.ClientTimeout(total=within),
+    )
+    async with response:
+        return int(response.status), await response.read()
+
+
+async def read_router_via_api(
+    api: ApiClient, namespace: str, service: str, within: float, port: str = "metrics"
+) -> RouterState:
+    """The router's metrics endpoint through the kube-apiserver's services proxy (for a
+    workstation, where the pods' network is not reachable; needs RBAC get services/proxy)."""
+    base = f"/api/v1/namespaces/{namespace}/services/http:{service}:{port}/proxy"
+    url = f"services proxy {namespace}/{service}:{port}"
+    try:
+        status, body = await _proxy_get(api, base + "/metrics", within)
+        if status != 200:
+            return RouterState(url, error=f"GET /metrics: HTTP {status}: {_status_message(body)}")
+        routes: Obj | None = None
+        rstatus, rbody = await _proxy_get(api, base + "/routes", within)
+        if rstatus == 200:
+            with contextlib.suppress(ValueError):
+                routes = json.loads(rbody)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return RouterState(url, error=f"{type(exc).__name__}: {exc}")
+    return RouterState(url, metrics_text=body.decode("utf-8", "replace"), routes=routes)
+
+
+def _status_message(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+        return str(doc.get("message") or doc.get("reason") or "")
+    except (ValueError, AttributeError):
+        return body[:200].decode("utf-8", "replace")
+
+
 # --------------------------------------------------------------------------- the cluster
 
 
