@@ -708,6 +708,28 @@ FAULTS: list[tuple[str, Callable[[Snapshot], Snapshot], str, str, str]] = [
         "tenant tenant-a: tls",
         "trust-chain checks",
     ),
+    # Reads the identity doctor runs as is not allowed (403): named, with the permission.
+    (
+        "rbac-apiservices",
+        cluster(errors=MappingProxyType({"apiservices": "403 Forbidden: cannot list"})),
+        "exists",
+        "listing APIServices failed: 403",
+        "list apiservices.apiregistration.k8s.io",
+    ),
+    (
+        "rbac-router-service",
+        cluster(router_service=None, errors=MappingProxyType({"router-service": "403 Forbidden"})),
+        "points at",
+        "reading Service metrics-router/metrics-router: 403",
+        "get services",
+    ),
+    (
+        "rbac-deployments",
+        cluster(errors=MappingProxyType({"deployments": "403 Forbidden"})),
+        "Tenant KEDA settings",
+        "403",
+        "list deployments.apps",
+    ),
 ]
 
 

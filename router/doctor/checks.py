@@ -59,6 +59,26 @@ FIX_KEDA_TRUST = (
 )
 
 
+# Cluster.errors key -> what the identity doctor runs as must be allowed to read.
+READS: dict[str, str] = {
+    "apiservices": "list apiservices.apiregistration.k8s.io",
+    "router-service": "get services and list endpointslices.discovery.k8s.io in the router's "
+    "namespace",
+    "tenancy": "list namespaces and services cluster-wide",
+    "endpoints": "list endpointslices.discovery.k8s.io in the tenants' namespaces",
+    "policies": "list networkpolicies.networking.k8s.io (and "
+    "ciliumclusterwidenetworkpolicies.cilium.io)",
+    "deployments": "list deployments.apps cluster-wide",
+}
+
+
+def read_fix(what: str) -> str:
+    return (
+        f"let the identity doctor runs as {READS[what]} (kubectl auth can-i ...; the router's "
+        "own ServiceAccount may not), or run doctor with --kubeconfig of a reader"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class CheckResult:
     section: str  # one of SECTIONS' ids
@@ -200,8 +220,7 @@ def check_apiservice(snapshot: Snapshot) -> list[CheckResult]:
                 s,
                 f"APIService {c.apiservice_name} exists",
                 [f"listing APIServices failed: {c.errors['apiservices']}"],
-                "let the identity doctor runs as read apiservices.apiregistration.k8s.io "
-                "(kubectl auth can-i list apiservices)",
+                read_fix("apiservices"),
             )
         ]
     ours = next((a for a in c.apiservices if _name(a) == c.apiservice_name), None)
@@ -233,6 +252,15 @@ def check_apiservice(snapshot: Snapshot) -> list[CheckResult]:
                     f"re-apply deploy/apiservice so spec.service is {want}:443, and remove the "
                     "APIService from every tenant's KEDA release (the deploy/keda/component "
                     "post-renderer deletes it)",
+                )
+            )
+        elif c.router_service is None and "router-service" in c.errors:
+            results.append(
+                fail(
+                    s,
+                    title_points,
+                    [f"reading Service {want}: {c.errors['router-service']}"],
+                    read_fix("router-service"),
                 )
             )
         elif c.router_service is None:
@@ -318,6 +346,8 @@ def check_serving(snapshot: Snapshot) -> list[CheckResult]:
     assert c is not None
     if c.serving_skipped is not None:
         return [skipped(s, title, c.serving_skipped)]
+    if "router-service" in c.errors:
+        return [fail(s, title, [c.errors["router-service"]], read_fix("router-service"))]
     if not c.serving:
         return [
             fail(
@@ -500,7 +530,7 @@ def check_routes(snapshot: Snapshot) -> list[CheckResult]:
                 s,
                 title,
                 [c.errors["tenancy"]],
-                "let doctor list namespaces and services cluster-wide (as the router does)",
+                read_fix("tenancy"),
             )
         ]
     if not t.tenants:
@@ -533,7 +563,9 @@ def check_routes(snapshot: Snapshot) -> list[CheckResult]:
             results.append(ok(s, tt, f"{up.url} (from --upstream-template)"))
             continue
         eps = c.endpoints.get(f"{up.namespace}/{up.name}")
-        if eps is None or not eps.ready:
+        if "endpoints" in c.errors and (eps is None or not (eps.ready or eps.not_ready)):
+            results.append(fail(s, tt, [c.errors["endpoints"]], read_fix("endpoints")))
+        elif eps is None or not eps.ready:
             nready = len(eps.not_ready) if eps is not None else 0
             results.append(
                 fail(
@@ -762,7 +794,7 @@ def check_traffic(snapshot: Snapshot) -> list[CheckResult]:
     if c.policy_kind == "none":
         return [skipped(s, title, "--policy-kind none")]
     if "policies" in c.errors:
-        return [fail(s, title, [c.errors["policies"]], "let doctor list the policy objects")]
+        return [fail(s, title, [c.errors["policies"]], read_fix("policies"))]
     if c.policy_kind == "auto":
         chosen = [p for p in c.policies if p.actual]
         if not chosen:
@@ -834,7 +866,7 @@ def check_keda(snapshot: Snapshot) -> list[CheckResult]:
     c = snapshot.cluster
     assert c is not None
     if "deployments" in c.errors:
-        return [fail(s, title, [c.errors["deployments"]], "let doctor list deployments.apps")]
+        return [fail(s, title, [c.errors["deployments"]], read_fix("deployments"))]
     owner = _tenant_of_namespace(c)
     by_tenant: dict[str, list[Obj]] = {}
     for d in c.deployments:
