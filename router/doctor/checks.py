@@ -657,7 +657,9 @@ def _trust_result(probe: TrustProbe, router_cn: str) -> list[CheckResult]:
     out = [ok(s, hs, where, *peer)]
     status = probe.status
     said = f"{status} {probe.status_reason}".strip() + (
-        f": {probe.status_message}" if probe.status_message else ""
+        f": {probe.status_message}"
+        if probe.status_message and probe.status_message != probe.status_reason
+        else ""
     )
     if probe.failure == "protocol" or status is None:
         out.append(
