@@ -591,3 +591,39 @@ async def test_router_metrics_through_the_services_proxy(install: Install) -> No
     assert crosses(report) == [f"{CROSS} The router's metrics endpoint"], report
     assert "HTTP 403" in report
     assert "services/proxy" in report
+
+
+async def test_workstation_mode_skips_what_it_cannot_reach(install: Install) -> None:
+    """--network try (a workstation): a tenant that cannot be connected to is 'skipped: not
+    reachable from here', not a fault; one that answers is still checked for real."""
+    await install.stubs["tenant-b"].stop()
+    argv = install.argv()
+    argv[argv.index("direct")] = "try"
+    code, report = await asyncio.to_thread(_run_cli, argv)
+    assert code == 0, report
+    assert (
+        "- tenant tenant-b: TLS handshake with the router's client certificate: skipped: "
+        "not reachable from here" in report
+    )
+    assert "\u2713 tenant tenant-a: discovery GET as metrics-router:doctor" in report
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(argv)
+    return code, out.getvalue()
+
+
+def test_bad_policy_config_is_a_usage_error(
+    tenant_pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("keda: [not, a, mapping]\n")
+    argv = [
+        "doctor", "--routes-file", str(tmp_path / "r.yaml"), "--policy-config", str(bad),
+        "--proxy-client-cert-file", str(tenant_pki.router_client_cert),
+        "--proxy-client-key-file", str(tenant_pki.router_client_key),
+    ]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "--policy-config" in capsys.readouterr().err

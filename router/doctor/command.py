@@ -196,12 +196,9 @@ def run(args: argparse.Namespace) -> int:
         metrics_url = "http://127.0.0.1:9090"
     policy_kind = args.network_policy_kind if args.manage_network_policies else "auto"
     try:
-        from router.render import load_policy_config
-
-        policy_config = load_policy_config(args.policy_config)
-    except Exception as exc:  # RenderError: one line per problem
-        for error in getattr(exc, "errors", [str(exc)]):
-            print(f"error: {error}", file=sys.stderr)
+        policy_config = gather.load_policy_config(args.policy_config)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     inputs = gather.ClusterInputs(
         tenancy=tenancy,

@@ -14,9 +14,10 @@ import contextlib
 import json
 import socket
 import ssl
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -51,6 +52,7 @@ from router.manifests import (
     OWNER_SELECTOR,
     ManifestError,
     PolicyConfig,
+    parse_policy_config,
     render,
     tenant_networks,
 )
@@ -230,7 +232,7 @@ async def probe_trust(
         tenant=tenant, upstream=upstream.url, server_name=upstream.tls_name, address=dial
     )
     if network.mode == "none":
-        return _replace(base, skipped="--network none")
+        return replace(base, skipped="--network none")
     host, port = split_address(dial)
     writer: asyncio.StreamWriter | None = None
     handshake_ok = False
@@ -278,7 +280,7 @@ async def probe_trust(
         # the router's certificate after the handshake? A TLS 1.2 handshake tells for sure.
         refused = await _refuses_client_cert(host, port, tls, upstream.tls_name, network.timeout)
         if refused is not None:
-            return _replace(
+            return replace(
                 base,
                 failure="client-cert-refused",
                 message="a TLS 1.3 connection was closed without an answer, and a TLS 1.2 "
@@ -288,10 +290,10 @@ async def probe_trust(
     if error is not None:
         kind, message = _classify(error)
         if kind == "unreachable" and network.mode == "try" and not handshake_ok:
-            return _replace(base, skipped=NOT_REACHABLE)
+            return replace(base, skipped=NOT_REACHABLE)
         if handshake_ok and kind != "client-cert-refused":
             kind = "protocol"  # connected, then the answer broke
-        return _replace(
+        return replace(
             base,
             handshake_ok=handshake_ok and kind != "client-cert-refused",
             failure=kind,
@@ -301,14 +303,14 @@ async def probe_trust(
     try:
         answer = _parse_http(data)
     except ValueError as exc:
-        return _replace(base, handshake_ok=True, failure="protocol", message=str(exc), peer=peer)
+        return replace(base, handshake_ok=True, failure="protocol", message=str(exc), peer=peer)
     reason, message = "", ""
     with contextlib.suppress(ValueError, AttributeError):
         doc = json.loads(answer.body)
         if isinstance(doc, dict) and doc.get("kind") == "Status":
             reason = str(doc.get("reason") or "")
             message = str(doc.get("message") or "")
-    return _replace(
+    return replace(
         base,
         handshake_ok=True,
         status=answer.status,
@@ -316,12 +318,6 @@ async def probe_trust(
         status_message=message,
         peer=peer,
     )
-
-
-def _replace(probe: TrustProbe, **changes: Any) -> TrustProbe:
-    from dataclasses import replace
-
-    return replace(probe, **changes)
 
 
 async def _handshake(
@@ -434,6 +430,21 @@ def _status_message(body: bytes) -> str:
 
 
 # --------------------------------------------------------------------------- the cluster
+
+
+def load_policy_config(path: Path | None) -> PolicyConfig:
+    """The `--policy-config` file (as `serve` and `render` read it); ValueError listing every
+    problem."""
+    if path is None:
+        return PolicyConfig()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"--policy-config: {exc}") from exc
+    try:
+        return parse_policy_config(text)
+    except ManifestError as exc:
+        raise ValueError("; ".join(f"--policy-config {path}: {e}" for e in exc.errors)) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,8 +593,6 @@ async def read_cluster(
         upstreams[tenant.name] = UpstreamService(
             svc.namespace, svc.name, up.url, up.tls_name, ports
         )
-    from dataclasses import replace
-
     tenancy = replace(tenancy, upstreams=MappingProxyType(upstreams))
 
     policies: list[Policies] = []
@@ -718,8 +727,6 @@ async def _read_policies(
         wanted: tuple[PolicyObject, ...] = ()
         try:
             if kind == KIND_NETWORKPOLICY and not settings.apiserver_cidrs:
-                from dataclasses import replace
-
                 settings = replace(settings, apiserver_cidrs=await discover_apiserver_cidrs(api))
             networks, _warnings = tenant_networks(table, config, metas, tenancy.tenants)
             rendering = render(networks, settings, kind)
@@ -771,4 +778,4 @@ async def probe_tenants(
 
 
 def now() -> float:
-    return datetime.now().timestamp()
+    return time.time()

@@ -17,11 +17,9 @@ def counts(results: Sequence[CheckResult]) -> dict[str, int]:
     return out
 
 
-def text(results: Sequence[CheckResult], *, verbose: bool = False) -> str:
-    """One line per result; a failure adds its evidence and its fix, indented.
-
-    Evidence of passing checks (dates, counts) is shown too: it is what an operator compares.
-    ``verbose`` is kept for the command line; every line is shown either way.
+def text(results: Sequence[CheckResult]) -> str:
+    """One line per result under its section's heading, the evidence indented below it (for
+    passing checks too: dates and counts are what an operator compares), then a failure's fix.
     """
     lines: list[str] = []
     for section, heading in SECTIONS:
