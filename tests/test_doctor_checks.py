@@ -793,3 +793,18 @@ def test_json_report_has_the_same_results() -> None:
     assert doc["summary"]["fail"] == len(failed(results)) >= 1
     assert [c["title"] for c in doc["checks"]] == [r.title for r in results]
     assert all(c["fix"] for c in doc["checks"] if c["status"] == "fail")
+
+
+def test_an_unreachable_api_fails_once_and_skips_the_rest() -> None:
+    snap = Snapshot(
+        now=NOW,
+        cluster_error="GET /apis/...: ClientConnectorError",
+        router=router_state(),
+        trust_skipped="no cluster",
+    )
+    results = run_checks(snap)
+    assert [r.title for r in failed(results)] == ["The Kubernetes API answers"]
+    assert failed(results)[0].fix is not None
+    for s in ("serving", "requestheader", "routes", "traffic", "keda", "trust"):
+        assert {r.status for r in results if r.section == s} == {"skipped"}, s
+    assert checks.exit_code(results) == 1

@@ -627,3 +627,13 @@ def test_bad_policy_config_is_a_usage_error(
     ]  # fmt: skip
     assert cli.main(argv) == 2
     assert "--policy-config" in capsys.readouterr().err
+
+
+async def test_api_outage_is_one_failure(install: Install) -> None:
+    await install.fake.outage()
+    try:
+        code, report = await install.doctor("--timeout", "1s")
+    finally:
+        await install.fake.recover()
+    assert code == 1
+    assert crosses(report) == [f"{CROSS} The Kubernetes API answers"], report

@@ -207,6 +207,16 @@ def _chart_owner(obj: Obj) -> str | None:
 def check_apiservice(snapshot: Snapshot) -> list[CheckResult]:
     s = "apiservice"
     title = "APIService"
+    if snapshot.cluster_error is not None:
+        return [
+            fail(
+                s,
+                "The Kubernetes API answers",
+                [snapshot.cluster_error],
+                "check --kubeconfig (or the pod's service account) and that the kube-apiserver "
+                "is reachable from here: kubectl get --raw /readyz",
+            )
+        ]
     skip = _skip_cluster(snapshot, s, title)
     if skip is not None:
         return skip

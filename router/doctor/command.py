@@ -268,7 +268,10 @@ async def collect(
     except kube.KubeError as exc:
         return replace(snapshot, cluster_error=str(exc), trust_skipped="no cluster")
     try:
-        cluster, table = await gather.read_cluster(api, inputs, network)
+        try:
+            cluster, table = await gather.read_cluster(api, inputs, network)
+        except kube.KubeUnreachable as exc:
+            return replace(snapshot, cluster_error=str(exc), trust_skipped="no cluster")
         if router.skipped is not None:
             router = await gather.read_router_via_api(
                 api, inputs.router_namespace, inputs.router_service, network.timeout

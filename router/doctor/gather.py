@@ -530,25 +530,25 @@ async def read_cluster(
             for a in (body or {}).get("items") or ()
             if (a.get("spec") or {}).get("group") == GROUP
         ]
+    except kube.KubeUnreachable:
+        raise  # nothing else will answer either: the caller reports the API unreachable
     except kube.KubeError as exc:
         errors["apiservices"] = str(exc)
     ns, name = inputs.router_namespace, inputs.router_service
+    ours = next((a for a in apiservices if a["metadata"]["name"] == inputs.apiservice_name), None)
     router_service: Obj | None = None
     router_eps: Endpoints | None = None
     serving: list[ServingProbe] = []
     serving_skipped: str | None = None
     try:
         router_service = await _get(api, kube.resource_path("services", namespace=ns, name=name))
-        ours = next(
-            (a for a in apiservices if a["metadata"]["name"] == inputs.apiservice_name), None
-        )
-        port = int(((ours or {}).get("spec") or {}).get("service", {}).get("port") or 443)
-        router_eps = endpoints_of(
-            await _slices(api, ns, name), _service_port_name(router_service, port)
-        )
+        if router_service is not None:
+            port = int(((ours or {}).get("spec") or {}).get("service", {}).get("port") or 443)
+            router_eps = endpoints_of(
+                await _slices(api, ns, name), _service_port_name(router_service, port)
+            )
     except kube.KubeError as exc:
         errors["router-service"] = str(exc)
-        ours = None
     if network.mode == "none":
         serving_skipped = "--network none"
     elif ours is None:
