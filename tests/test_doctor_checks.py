@@ -808,3 +808,19 @@ def test_an_unreachable_api_fails_once_and_skips_the_rest() -> None:
     for s in ("serving", "requestheader", "routes", "traffic", "keda", "trust"):
         assert {r.status for r in results if r.section == s} == {"skipped"}, s
     assert checks.exit_code(results) == 1
+
+
+@pytest.mark.parametrize(
+    ("bind", "url"),
+    [
+        ("0.0.0.0:9090", "http://127.0.0.1:9090"),
+        ("127.0.0.1:9191", "http://127.0.0.1:9191"),
+        ("[::1]:9090", "http://[::1]:9090"),
+        ("0", None),
+        ("nonsense", None),
+    ],
+)
+def test_local_metrics_url_follows_the_bind_address(bind: str, url: str | None) -> None:
+    from router.doctor.command import local_metrics_url
+
+    assert local_metrics_url(bind) == url

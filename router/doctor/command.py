@@ -37,7 +37,7 @@ from router.config import (
 )
 from router.doctor import checks, gather, report
 from router.doctor.snapshot import RequestHeader, RouterState, RoutesFile, Snapshot
-from router.options import duration
+from router.options import duration, parse_host_port
 from router.routes import RoutesError, parse_routes_file
 
 NETWORK_MODES = ("auto", "direct", "try", "none")
@@ -70,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--metrics-url",
         help="the router's metrics endpoint (/metrics, /routes); default in the router's pod "
-        "http://127.0.0.1:9090, elsewhere the kube-apiserver's services proxy to the router "
-        "Service's port 'metrics'",
+        "its --metrics-bind-address on 127.0.0.1, elsewhere the kube-apiserver's services "
+        "proxy to the router Service's port 'metrics'",
     )
     g.add_argument(
         "--network",
@@ -121,6 +121,18 @@ def serve_argv_of(pid: int) -> list[str]:
     if "serve" not in argv:
         raise ValueError(f"process {pid} is not `metrics-router serve`: {' '.join(argv[:4])}")
     return argv[argv.index("serve") + 1 :]
+
+
+def local_metrics_url(bind_address: str) -> str | None:
+    """The router's metrics endpoint in its own pod, from its --metrics-bind-address."""
+    try:
+        address = parse_host_port(bind_address)
+    except ValueError:
+        return None
+    if address is None:
+        return None
+    host = address[0] if address[0] not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{address[1]}"
 
 
 def _in_pod() -> bool:
@@ -193,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     network = gather.Network(mode=mode, timeout=args.timeout)
     metrics_url = args.metrics_url
     if metrics_url is None and _in_pod():
-        metrics_url = "http://127.0.0.1:9090"
+        metrics_url = local_metrics_url(args.metrics_bind_address)
     policy_kind = args.network_policy_kind if args.manage_network_policies else "auto"
     try:
         policy_config = gather.load_policy_config(args.policy_config)
