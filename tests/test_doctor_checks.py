@@ -824,3 +824,14 @@ def test_local_metrics_url_follows_the_bind_address(bind: str, url: str | None) 
     from router.doctor.command import local_metrics_url
 
     assert local_metrics_url(bind) == url
+
+
+def test_the_routers_own_helm_release_is_no_claimant() -> None:
+    obj = apiservice()
+    obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    obj["metadata"]["annotations"] = {
+        "meta.helm.sh/release-name": "metrics-router",
+        "meta.helm.sh/release-namespace": "metrics-router",
+    }
+    results = checks.check_apiservice(cluster(apiservices=(obj,))(healthy()))
+    assert failed(results) == []

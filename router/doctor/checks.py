@@ -189,8 +189,9 @@ def _conditions(obj: Obj) -> dict[str, Mapping[str, Any]]:
     return out
 
 
-def _chart_owner(obj: Obj) -> str | None:
-    """Who (other than the router) created this APIService, judged by its labels/annotations."""
+def _chart_owner(obj: Obj, router_namespace: str) -> str | None:
+    """Who (other than the router) created this APIService, judged by its labels/annotations:
+    a KEDA chart, or a Helm release outside the router's namespace."""
     labels = _get(obj, "metadata", "labels") or {}
     annotations = _get(obj, "metadata", "annotations") or {}
     release_ns = annotations.get("meta.helm.sh/release-namespace")
@@ -199,7 +200,12 @@ def _chart_owner(obj: Obj) -> str | None:
     if "keda" in part_of or str(labels.get("app.kubernetes.io/name", "")).startswith("keda"):
         where = f" (Helm release {release} in {release_ns})" if release_ns else ""
         return f"a KEDA chart{where}"
-    if release_ns and release and labels.get("app.kubernetes.io/managed-by") == "Helm":
+    if (
+        release_ns
+        and release
+        and release_ns != router_namespace
+        and labels.get("app.kubernetes.io/managed-by") == "Helm"
+    ):
         return f"Helm release {release} in {release_ns}"
     return None
 
@@ -324,7 +330,7 @@ def check_apiservice(snapshot: Snapshot) -> list[CheckResult]:
     for a in c.apiservices:
         if _name(a) != c.apiservice_name:
             claimants.append(f"APIService {_name(a)} also serves group {GROUP}")
-    owner = _chart_owner(ours) if ours is not None else None
+    owner = _chart_owner(ours, c.router_namespace) if ours is not None else None
     if owner is not None:
         claimants.append(f"APIService {c.apiservice_name} was re-created by {owner}")
     if claimants:
