@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from router import kube, tlsfiles
+from router import tlsfiles
 from router.config import (
     DEFAULT_EXTRA_PREFIXES,
     DEFAULT_GROUP_HEADERS,
@@ -35,7 +35,7 @@ from router.config import (
     add_serve_arguments,
     tenancy_from_args,
 )
-from router.doctor import checks, gather, report
+from router.doctor import checks, gather, probes, report
 from router.doctor.snapshot import RequestHeader, RouterState, RoutesFile, Snapshot
 from router.options import duration, parse_host_port
 from router.routes import RoutesError, parse_routes_file
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         data = {k: p.read_bytes() for k, p in files.items()}
-        tls = gather.client_tls(data["cert"], data["key"], data.get("ca"))
+        tls = probes.client_tls(data["cert"], data["key"], data.get("ca"))
     except (OSError, tlsfiles.TLSFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     mode = args.network
     if mode == "auto":
         mode = "direct" if args.routes_file is not None or _in_pod() else "try"
-    network = gather.Network(mode=mode, timeout=args.timeout)
+    network = probes.Network(mode=mode, timeout=args.timeout)
     metrics_url = args.metrics_url
     if metrics_url is None and _in_pod():
         metrics_url = local_metrics_url(args.metrics_bind_address)
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
             tls,
             network,
             metrics_url,
-            router_cn=gather.first_cn(data["cert"]) or "metrics-router",
+            router_cn=probes.first_cn(data["cert"]) or "metrics-router",
             expiry_warning=args.expiry_warning,
         )
     )
@@ -243,8 +243,8 @@ async def collect(
     routes_file: Path | None,
     kubeconfig: Path | None,
     inputs: gather.ClusterInputs,
-    tls: gather.ClientTLS,
-    network: gather.Network,
+    tls: probes.ClientTLS,
+    network: probes.Network,
     metrics_url: str | None,
     *,
     router_cn: str,
@@ -252,7 +252,7 @@ async def collect(
 ) -> Snapshot:
     """Gather the whole snapshot (routes-file mode or cluster mode)."""
     if metrics_url is not None:
-        router = await gather.read_router(metrics_url, network.timeout)
+        router = await probes.read_router(metrics_url, network.timeout)
     else:
         router = RouterState(
             "",
@@ -260,7 +260,7 @@ async def collect(
             "svc/metrics-router 9090, then --metrics-url http://127.0.0.1:9090)",
         )
     snapshot = Snapshot(
-        now=gather.now(), router_cn=router_cn, router=router, expiry_warning=expiry_warning
+        now=probes.now(), router_cn=router_cn, router=router, expiry_warning=expiry_warning
     )
     if routes_file is not None:
         try:
@@ -272,26 +272,15 @@ async def collect(
                 routes_file=RoutesFile(str(routes_file), error=str(exc)),
                 trust_skipped="the routes file could not be read",
             )
-        trust = await gather.probe_tenants(table, tls, network)
+        trust = await probes.probe_tenants(table, tls, network)
         tenants = {t.name: t.namespaces for t in table.tenants}
         return replace(snapshot, routes_file=RoutesFile(str(routes_file), tenants), trust=trust)
-    try:
-        api = await kube.api_client(kubeconfig)
-    except kube.KubeError as exc:
-        return replace(snapshot, cluster_error=str(exc), trust_skipped="no cluster")
-    try:
-        try:
-            cluster, table = await gather.read_cluster(api, inputs, network)
-        except kube.KubeUnreachable as exc:
-            return replace(snapshot, cluster_error=str(exc), trust_skipped="no cluster")
-        if router.skipped is not None:
-            router = await gather.read_router_via_api(
-                api, inputs.router_namespace, inputs.router_service, network.timeout
-            )
-            snapshot = replace(snapshot, router=router)
-    finally:
-        await api.close()
-    trust = await gather.probe_tenants(
-        table, tls, network, cluster.endpoints, cluster.tenancy.upstreams
+    got = await gather.read(kubeconfig, inputs, network, router_via_api=router.skipped is not None)
+    if got.cluster is None:
+        return replace(snapshot, cluster_error=got.error, trust_skipped="no cluster")
+    if got.router is not None:
+        snapshot = replace(snapshot, router=got.router)
+    trust = await probes.probe_tenants(
+        got.table, tls, network, got.cluster.endpoints, got.cluster.tenancy.upstreams
     )
-    return replace(snapshot, cluster=cluster, trust=trust)
+    return replace(snapshot, cluster=got.cluster, trust=trust)
