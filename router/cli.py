@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "run a tenant's KEDA operator, restarting it on namespace changes",
     ),
     "demo": ("router.demo", "the whole request path on this machine, no cluster needed"),
+    "doctor": ("router.doctor.command", "check a live installation end to end; a fix per fault"),
 }
 
 

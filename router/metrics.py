@@ -5,6 +5,9 @@ Label children are cached so the hot path does one dict lookup, not ``labels()``
 
 from __future__ import annotations
 
+import time
+from importlib import metadata
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
@@ -72,6 +75,22 @@ class ProxyMetrics:
             ["reason"],
             registry=registry,
         )
+        # What `metrics-router doctor` shows as the router's version and uptime.
+        self.build_info = Gauge(
+            "metrics_router_build_info",
+            "Always 1; the version label says which metrics-router runs.",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(version()).set(1)
+        self.start_time = Gauge(
+            "metrics_router_start_time_seconds",
+            "Unix time the router started.",
+            registry=registry,
+            multiprocess_mode="min",
+        )
+        self.start_time.set(time.time())
         self._requests: dict[tuple[str, int], Counter] = {}
         self._duration: dict[str, Histogram] = {}
 
@@ -86,3 +105,11 @@ class ProxyMetrics:
             if hist is None:
                 hist = self._duration[tenant] = self.duration.labels(tenant)
             hist.observe(seconds)
+
+
+def version() -> str:
+    """The installed package's version ("unknown" when run from a bare source tree)."""
+    try:
+        return metadata.version("tenant-metrics-router")
+    except metadata.PackageNotFoundError:
+        return "unknown"

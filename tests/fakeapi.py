@@ -33,7 +33,9 @@ Protocol
 Test helpers (synchronous unless marked async; call them from the test's event loop)
     ``add_namespace(name, labels=None)``, ``set_labels(resource, name, labels, namespace=None)``,
     ``add_service(namespace, name, labels=None, ports=(("https", 443),))``,
-    ``add_configmap(namespace, name, data)``, ``put(resource, obj, api_version="v1")``
+    ``add_configmap(namespace, name, data)``, ``add_endpoints(namespace, service, addresses,
+    ports=(("https", 443),), ready=True)`` (its EndpointSlice),
+    ``put(resource, obj, api_version="v1")``
     (create or replace), ``delete(resource, name, namespace=None, api_version="v1")``,
     ``get(resource, name, namespace=None, api_version="v1")``, ``objects(resource, ...)``,
     ``resource_version`` (current, int), ``compact()`` (history before now is gone),
@@ -43,7 +45,9 @@ Test helpers (synchronous unless marked async; call them from the test's event l
     ``async outage()`` (stop listening, abort every connection) / ``async recover()`` (listen
     again on the same port), ``requests`` (log of ``(method, path, query dict)``),
     ``watch_count(resource)``, ``async wait_watches(resource, count=1, within=2.0)``,
-    ``async wait_request(predicate, within=2.0)``.
+    ``async wait_request(predicate, within=2.0)``, ``proxy_forbidden`` (bool).
+    The services proxy ``/api/v1/namespaces/NS/services/[SCHEME:]NAME[:PORT]/proxy/PATH``
+    forwards a GET to the first ready endpoint of that port (its EndpointSlice).
 ``Signal``
     A condition to wait on without sleeps: ``notify()`` from a callback,
     ``await signal.wait_for(predicate, within=1.0)`` re-checks ``predicate()`` after each
@@ -66,6 +70,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import aiohttp
 import yaml
 from aiohttp import web
 
@@ -87,6 +92,8 @@ KINDS = {
     "ciliumnetworkpolicies": "CiliumNetworkPolicy",
     "ciliumclusterwidenetworkpolicies": "CiliumClusterwideNetworkPolicy",
     "apiservices": "APIService",
+    "endpointslices": "EndpointSlice",
+    "deployments": "Deployment",
 }
 
 _END = object()  # end the watch stream normally
@@ -317,6 +324,7 @@ class FakeKube:
         self.token = token
         self.port = 0
         self.gone_as_http = False
+        self.proxy_forbidden = False  # services/proxy answers 403, as without RBAC for it
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._store: dict[GVR, dict[Key, Obj]] = {}
         self._owners: dict[tuple[GVR, Key], dict[tuple[str, ...], str]] = {}
@@ -574,6 +582,37 @@ class FakeKube:
              "metadata": {"name": name, "namespace": namespace}, "data": dict(data)},
         )  # fmt: skip
 
+    def add_endpoints(
+        self,
+        namespace: str,
+        service: str,
+        addresses: Iterable[str],
+        ports: Iterable[tuple[str | None, int]] = (("https", 443),),
+        *,
+        ready: bool = True,
+    ) -> Obj:
+        """The EndpointSlice ``<service>`` of a Service (label kubernetes.io/service-name)."""
+        port_list: list[Obj] = []
+        for pname, number in ports:
+            port_list.append(
+                {"port": number, "protocol": "TCP", **({"name": pname} if pname else {})}
+            )
+        return self.put(
+            "endpointslices",
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": service, "namespace": namespace,
+                             "labels": {"kubernetes.io/service-name": service}},
+                "addressType": "IPv4",
+                "ports": port_list,
+                "endpoints": [
+                    {"addresses": [a], "conditions": {"ready": ready}} for a in addresses
+                ],
+            },
+            api_version="discovery.k8s.io/v1",
+        )  # fmt: skip
+
     def set_labels(
         self,
         resource: str,
@@ -673,12 +712,58 @@ class FakeKube:
                 status, retry_after = self._failures.pop(0)
                 headers = {} if retry_after is None else {"Retry-After": str(int(retry_after))}
                 raise _ApiStatus(status, "InternalError", "injected failure", headers)
+            if _PROXY_PATH.match(request.path):
+                return await self._proxy(request)
             return await self._dispatch(request, query)
         except _ApiStatus as exc:
             return web.json_response(
                 status_body(exc.code, exc.reason, exc.message), status=exc.code,
                 headers=exc.headers,
             )  # fmt: skip
+
+    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The services proxy: GET to the first ready endpoint of the Service's port."""
+        if self.proxy_forbidden:
+            raise _ApiStatus(403, "Forbidden", 'cannot get resource "services/proxy"')
+        match = _PROXY_PATH.match(request.path)
+        assert match is not None
+        namespace, ref, rest = match.group(1), match.group(2), match.group(3) or "/"
+        parts = ref.split(":")
+        scheme = parts.pop(0) if len(parts) == 3 else "http"
+        name, port_ref = parts[0], parts[1] if len(parts) > 1 else ""
+        svc = self.get("services", name, namespace)
+        if svc is None:
+            raise _ApiStatus(404, "NotFound", f'services "{name}" not found')
+        ports = svc["spec"].get("ports") or []
+        port = (
+            next((p for p in ports if port_ref in (p.get("name"), str(p["port"]))), None)
+            if port_ref
+            else (ports[0] if ports else None)
+        )
+        if port is None:
+            raise _ApiStatus(503, "ServiceUnavailable", f"no port {port_ref!r} on {name}")
+        target = None
+        for s in self.objects("endpointslices", namespace, "discovery.k8s.io/v1"):
+            if s["metadata"].get("labels", {}).get("kubernetes.io/service-name") != name:
+                continue
+            numbers = [p["port"] for p in s.get("ports") or () if p.get("name") == port.get("name")]
+            ready = [
+                a
+                for e in s.get("endpoints") or ()
+                if (e.get("conditions") or {}).get("ready") is not False
+                for a in e["addresses"]
+            ]
+            if numbers and ready:
+                target = f"{scheme}://{ready[0]}:{numbers[0]}{rest}"
+                break
+        if target is None:
+            raise _ApiStatus(
+                503, "ServiceUnavailable", f'no endpoints available for service "{name}"'
+            )
+        async with aiohttp.ClientSession() as session, session.get(target, ssl=False) as resp:
+            body = await resp.read()
+            ctype = resp.headers.get("Content-Type", "application/octet-stream")
+        return web.Response(status=resp.status, body=body, headers={"Content-Type": ctype})
 
     async def _dispatch(
         self, request: web.BaseRequest, query: dict[str, str]
@@ -867,6 +952,9 @@ def _translate(flt: _Filter, event: _Event) -> Obj | None:
     if old_match:
         return {"type": "DELETED", "object": event.obj}
     return None
+
+
+_PROXY_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/services/([^/]+)/proxy(/.*)?$")
 
 
 def _parse_path(path: str) -> tuple[GVR, str | None, str | None]:

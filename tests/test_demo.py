@@ -59,6 +59,9 @@ def test_demo_walks_the_whole_path_and_exits_zero() -> None:
     assert _row(lines, "tenant-c", "503")[0] == "\u2713"
     assert 'metrics_router_upstream_errors_total{kind="unreachable",tenant="c"} 1.0' in out
     summary = lines[-1] if "passed" in lines[-1] else next(ln for ln in lines if " passed, " in ln)
-    # 5 namespaces, discovery, 5 refusals, nothing forwarded, live change, 3 outage rows,
-    # metrics, and the router's exit code 0 on SIGTERM
-    assert summary.startswith("18 passed, 0 failed"), summary
+    # the doctor, in routes-file mode: cluster checks skipped, every tenant's chain probed
+    assert "- APIService: skipped: routes-file mode" in out
+    assert "\u2713 tenant c: discovery GET as metrics-router:doctor" in out
+    # 5 namespaces, discovery, 5 refusals, nothing forwarded, live change, doctor, 3 outage
+    # rows, metrics, and the router's exit code 0 on SIGTERM
+    assert summary.startswith("19 passed, 0 failed"), summary
