@@ -10,7 +10,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from kubernetes_asyncio.client import ApiClient
+from prometheus_client import CollectorRegistry
 
+from router.config import TenancySettings
+from router.reconciler import ClusterRoutes
+from router.routes import RouteTable
+from router.tenancy import SERVE_STALE_ANNOTATION
 from tests.conftest import (
     HPA_IDENTITY,
     Reply,
@@ -19,6 +25,7 @@ from tests.conftest import (
     build_request,
     metric_path,
 )
+from tests.fakeapi import FakeKube, Signal, running
 from tests.test_stale import parse_warning_header
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
@@ -219,3 +226,46 @@ async def test_routes_file_sets_the_duration_per_tenant(start_router: StartRoute
     h.router.check_files()
     assert (await routes_json(h))["a"]["staleAnswers"]["entries"] == 0
     assert (await h.request(PATH)).status == 503
+
+
+# --------------------------------------------------------------------------- cluster mode
+
+
+def keda_service(annotations: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "keda-operator-metrics-apiserver",
+            "namespace": "tenant-a--sys",
+            "labels": {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"},
+            "annotations": annotations,
+        },
+        "spec": {"type": "ClusterIP", "ports": [{"name": "https", "port": 443}]},
+    }
+
+
+async def test_service_annotation_sets_the_tenant_duration(fake: FakeKube, api: ApiClient) -> None:
+    fake.add_namespace("tenant-a")
+    fake.add_namespace("tenant-a--sys")
+    fake.put("services", keda_service({SERVE_STALE_ANNOTATION: "45s"}))
+    tables: list[RouteTable] = []
+    changed = Signal()
+
+    def on_table(table: RouteTable) -> None:
+        tables.append(table)
+        changed.notify()
+
+    settings = TenancySettings(strategies=("pattern",))
+    routes = ClusterRoutes(api, settings, registry=CollectorRegistry(), on_table=on_table)
+
+    def stale_for() -> float | None:
+        tenant = tables[-1].tenant("a") if tables else None
+        return None if tenant is None else tenant.serve_stale_for
+
+    async with running(routes.run()):
+        await changed.wait_for(lambda: stale_for() == 45.0, 2.0)
+        fake.put("services", keda_service({SERVE_STALE_ANNOTATION: "0"}))  # turned off
+        await changed.wait_for(lambda: stale_for() == 0.0, 2.0)
+        fake.put("services", keda_service({}))  # removed: the --serve-stale-for default
+        await changed.wait_for(lambda: stale_for() is None, 2.0)
