@@ -59,6 +59,8 @@ def test_demo_walks_the_whole_path_and_exits_zero() -> None:
     assert _row(lines, "tenant-c", "503")[0] == "\u2713"
     assert 'metrics_router_upstream_errors_total{kind="unreachable",tenant="c"} 1.0' in out
     summary = lines[-1] if "passed" in lines[-1] else next(ln for ln in lines if " passed, " in ln)
+    assert "6 polls while b was down: 0 errors" in out
+    assert _row(lines, "one", "group", "more")[0] == "\u2713"
     # 5 namespaces, discovery, 5 refusals, nothing forwarded, live change, 3 outage rows,
-    # metrics, and the router's exit code 0 on SIGTERM
-    assert summary.startswith("18 passed, 0 failed"), summary
+    # metrics, 6 stale answers, another identity, b back, and the exit code 0 on SIGTERM
+    assert summary.startswith("26 passed, 0 failed"), summary
