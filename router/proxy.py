@@ -323,7 +323,7 @@ class Proxy:
         self._resumed_peer_ok = resumed_peer_ok
         # Last good answers per caller (router/stale.py), following the routes in force.
         self.stale = stale.StaleCache(stale_settings or StaleSettings())
-        self.clock: Callable[[], float] = time.monotonic  # stale answers' ages (tests swap it)
+        self._clock: Callable[[], float] = time.monotonic  # ages of remembered answers
         stale_default = self.stale.settings.serve_stale_for
         self.stale.configure(stale.durations(routes.table, stale_default))
         routes.on_swap(lambda table: self.stale.configure(stale.durations(table, stale_default)))
@@ -487,7 +487,7 @@ class Proxy:
             return _status_reply(err)
         if ex.stale_key is not None:
             if result.status == 200:
-                self.stale.remember(tenant, ex.stale_key, result, self.clock())
+                self.stale.remember(tenant, ex.stale_key, result, self._clock())
             else:
                 reason = stale.reason_for_status(result.status)
                 answer = self._stale_answer(tenant, ex.stale_key, reason, seconds)
@@ -500,7 +500,7 @@ class Proxy:
         self, tenant: str, key: stale.Key | None, reason: str | None, seconds: float | None
     ) -> Reply | None:
         """The caller's own last good answer instead of a failure, when there is one."""
-        found = self.stale.answer(tenant, key, reason, self.clock(), time.time())
+        found = self.stale.answer(tenant, key, reason, self._clock(), time.time())
         if found is None:
             return None
         self._metrics.observe_stale(tenant, found.reason, found.age)
