@@ -268,6 +268,11 @@ def main() -> int:
     if args.write:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         command = "python bench/bench_stale.py " + " ".join(sys.argv[1:])
+        if not RESULTS.exists():
+            RESULTS.write_text(
+                "# bench_stale.py: a tenant's outage under an HPA-like poll, stale answers off "
+                "and on\n\nMethod: bench/README.md. Runs appended newest last.\n"
+            )
         with RESULTS.open("a") as out:
             out.write(f"\n## {stamp}: `{command.strip()}`\n\n{table}\n")
     return 0

@@ -38,11 +38,19 @@ from router.config import StaleSettings
 from router.options import format_duration
 from router.routes import DEFAULT_TENANT, RouteTable
 
-# (target, Accept lines, user lines, uid lines, sorted groups, sorted extra (name, value) pairs)
-Key = tuple[bytes, tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...],
-            tuple[tuple[bytes, bytes], ...]]  # fmt: skip
+Key = tuple[
+    bytes,  # the request target, path and query as received
+    tuple[bytes, ...],  # Accept lines
+    tuple[bytes, ...],  # user lines, in order
+    tuple[bytes, ...],  # uid lines, in order
+    tuple[bytes, ...],  # group lines, sorted
+    tuple[tuple[bytes, bytes], ...],  # extra lines as (name after the prefix, value), sorted
+]
 
-ENTRY_OVERHEAD = 256  # bytes counted per entry besides body and key (objects, dict slots)
+# Memory counted besides the bytes of body and key, close to what CPython (64-bit) holds:
+# per entry (the entry, the body object, two dict slots), and per object in a key.
+ENTRY_OVERHEAD = 320
+KEY_OBJECT_OVERHEAD = 56
 
 # Why a failure was answered stale: metric label and the words of the Warning header.
 REASONS: Mapping[str, str] = {
@@ -108,9 +116,12 @@ def request_key(forwarded_headers: bytes, target: str) -> Key:
 
 
 def key_size(key: Key) -> int:
+    """Bytes a key holds, estimated: its strings plus an overhead per object."""
     target, accept, users, uids, groups, extras = key
-    size = len(target) + sum(map(len, accept)) + sum(map(len, users)) + sum(map(len, uids))
-    return size + sum(map(len, groups)) + sum(len(k) + len(v) for k, v in extras)
+    strings = (target, *accept, *users, *uids, *groups)
+    size = sum(map(len, strings)) + sum(len(k) + len(v) for k, v in extras)
+    objects = 6 + len(strings) + 3 * len(extras)  # the tuples, the strings, each pair's three
+    return size + objects * KEY_OBJECT_OVERHEAD
 
 
 def warning_header(age: float, reason: str) -> bytes:

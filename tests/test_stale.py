@@ -402,7 +402,7 @@ class StaleMachine(RuleBasedStateMachine):
     """Whatever the sequence of answers, failures and route changes: a stale answer goes only
     to the identity that received that body fresh, and is never older than the duration."""
 
-    @initialize(caps=st.sampled_from([(1000, 1 << 20), (2, 1 << 20), (1000, 2000)]))
+    @initialize(caps=st.sampled_from([(1000, 1 << 20), (2, 1 << 20), (1000, 6000)]))
     def start(self, caps: tuple[int, int]) -> None:
         self.cache = stale.StaleCache(
             StaleSettings(DURATION, max_entries_per_tenant=caps[0], max_bytes=caps[1])
