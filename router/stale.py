@@ -90,9 +90,8 @@ def request_key(forwarded_headers: bytes, target: str) -> Key:
     groups: list[bytes] = []
     extras: list[tuple[bytes, bytes]] = []
     for line in forwarded_headers.split(b"\r\n"):
-        name, _, value = line.partition(b":")
+        name, _, value = line.partition(b": ")  # forward_headers writes NAME: VALUE, as is
         lname = name.lower()
-        value = value.strip()
         if lname == b"accept":
             accept.append(value)
         elif not lname.startswith(b"x-remote-"):
