@@ -128,6 +128,18 @@ async def test_a_caller_gets_its_own_last_answer_while_the_tenant_fails(
     assert again.json()["items"][0]["value"] == "43"
 
 
+async def test_a_timeout_is_answered_stale_when_it_expires(start_router: StartRouter) -> None:
+    h = await stale_router(start_router, ("--serve-stale-for", "30s", "--upstream-timeout", "0.3"))
+    fresh = await h.request(PATH)
+    h.stubs["a"].behaviour.delay = 30.0  # released when the stub stops at teardown
+    assert_stale(await h.request(PATH), fresh, "the tenant's metrics server timed out")
+    assert (
+        await h.sample("metrics_router_stale_answers_total", {"tenant": "a", "reason": "timeout"})
+        == 1
+    )
+    assert (await h.request(PATH, ONE_GROUP_MORE)).status == 504
+
+
 async def test_the_error_comes_back_after_the_duration(start_router: StartRouter) -> None:
     duration = 1.0
     h = await stale_router(start_router, ("--serve-stale-for", f"{duration}s"))
