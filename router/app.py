@@ -132,6 +132,7 @@ class Router:
             resumed_peer_ok=tlsfiles.ResumedPeerVerifier(
                 lambda: serving.loaded_bytes("requestheader-ca")
             ),
+            stale_settings=cfg.stale,
         )
         self._server = ProxyServer(proxy)
         try:

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from router.options import byte_size, duration
+
 DEFAULT_USERNAME_HEADERS = ("X-Remote-User",)
 DEFAULT_UID_HEADERS = ("X-Remote-Uid",)
 DEFAULT_GROUP_HEADERS = ("X-Remote-Group",)
@@ -19,6 +21,8 @@ DEFAULT_TENANT_PATTERN = r"^tenant-(?P<tenant>[a-z0-9]+)(--.+)?$"
 DEFAULT_TENANT_ROOT_LABEL = "tenancy.metrics-router.io/root=true"
 DEFAULT_UPSTREAM_SERVICE_SELECTOR = "app.kubernetes.io/name=keda-operator-metrics-apiserver"
 STRATEGIES = ("hnc", "label", "pattern")
+DEFAULT_STALE_MAX_ENTRIES_PER_TENANT = 1000
+DEFAULT_STALE_MAX_BYTES = 32 * 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -60,6 +64,18 @@ class TenancySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StaleSettings:
+    """Last-known-good answers while a tenant's metrics server fails (router/stale.py).
+
+    ``serve_stale_for`` is the default for every tenant (0 = off); a tenant's routes-file entry
+    or its metrics Service annotation overrides it. The caps bound the memory held."""
+
+    serve_stale_for: float = 0.0
+    max_entries_per_tenant: int = DEFAULT_STALE_MAX_ENTRIES_PER_TENANT
+    max_bytes: int = DEFAULT_STALE_MAX_BYTES
+
+
+@dataclass(frozen=True, slots=True)
 class ServeConfig:
     secure_port: int
     bind_address: str
@@ -86,6 +102,7 @@ class ServeConfig:
     log_format: str
     log_level: str
     tenancy: TenancySettings = field(default_factory=TenancySettings)
+    stale: StaleSettings = field(default_factory=StaleSettings)
 
     @property
     def uses_cluster(self) -> bool:
@@ -234,6 +251,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=64,  # as many as --max-inflight-per-tenant: no TLS handshake churn at load
         help="keep-alive connections kept per upstream (default %(default)s)",
     )
+    g.add_argument(
+        "--serve-stale-for",
+        type=duration,
+        default=0.0,
+        help="answer a caller's failed metric request with its own last good answer when that "
+        "is younger than this (unreachable, timeout, 502, upstream 500/503, over the in-flight "
+        "limit); per tenant: routes file serveStaleFor, Service annotation "
+        "metrics-router.io/serve-stale-for (default 0 = off)",
+    )
+    g.add_argument(
+        "--stale-cache-max-entries-per-tenant",
+        type=int,
+        default=DEFAULT_STALE_MAX_ENTRIES_PER_TENANT,
+        help="last good answers kept per tenant, oldest dropped first (default %(default)s)",
+    )
+    g.add_argument(
+        "--stale-cache-max-bytes",
+        type=byte_size,
+        default=DEFAULT_STALE_MAX_BYTES,
+        help="bytes of last good answers kept in all, oldest dropped first (default 32Mi)",
+    )
     g.add_argument("--routes-file", type=Path, help="YAML routes file (instead of the cluster)")
     g.add_argument(
         "--default-upstream",
@@ -312,6 +350,10 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         errors.append("--max-inflight-per-tenant: must be >= 1")
     if args.max_idle_connections_per_upstream < 0:
         errors.append("--max-idle-connections-per-upstream: must be >= 0")
+    if args.stale_cache_max_entries_per_tenant < 1:
+        errors.append("--stale-cache-max-entries-per-tenant: must be >= 1")
+    if args.stale_cache_max_bytes < 1:
+        errors.append("--stale-cache-max-bytes: must be >= 1")
     if args.workers < 1:
         errors.append("--workers: must be >= 1")
     elif args.workers > 1 and args.secure_port == 0:
@@ -375,4 +417,9 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         log_format=args.log_format,
         log_level=args.log_level,
         tenancy=tenancy,
+        stale=StaleSettings(
+            serve_stale_for=args.serve_stale_for,
+            max_entries_per_tenant=args.stale_cache_max_entries_per_tenant,
+            max_bytes=args.stale_cache_max_bytes,
+        ),
     )

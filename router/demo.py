@@ -269,6 +269,8 @@ class Demo:
                 print("  " + ln)
             self.checks.check(any('tenant="c"' in ln for ln in lines), "per-tenant metrics")
 
+            await self._stale_step(http, base, agg, routes, metrics_port)
+
             if self.keep_running:
                 self._print_try_it(pki, port, metrics_port)
                 stop = asyncio.Event()
@@ -276,6 +278,59 @@ class Demo:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, stop.set)
                 await stop.wait()
+
+    async def _stale_step(
+        self, http: aiohttp.ClientSession, base: str, agg: ssl.SSLContext, routes: Path, mport: int
+    ) -> None:
+        """Tenant b's metrics server restarts (down 3 s) while the HPA polls every 0.5 s, with
+        serveStaleFor: 30s on b: every poll is answered, from the HPA's own last answer."""
+        step("Ride through a restart: tenant b gets serveStaleFor: 30s, then stops for 3 s")
+        b = self.stubs["b"]
+
+        def turn_on() -> None:  # serveStaleFor: 30s under b's upstream, written atomically
+            line = f"    upstream: {b.url}\n"
+            tmp = routes.with_suffix(".tmp")
+            tmp.write_text(routes.read_text().replace(line, line + "    serveStaleFor: 30s\n"))
+            os.replace(tmp, routes)
+
+        turn_on()
+        view: dict[str, object] = {}
+        deadline = time.monotonic() + 10
+        while not view.get("enabled") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            async with http.get(f"http://127.0.0.1:{mport}/routes") as resp:
+                tenants = {t["tenant"]: t for t in (await resp.json())["tenants"]}
+            view = tenants["b"].get("staleAnswers") or {}
+        url = base + metric_path("tenant-b")
+        hpa = [("X-Remote-User", HPA_USER)] + [("X-Remote-Group", g) for g in HPA_GROUPS]
+        other = [*hpa, ("X-Remote-Group", "system:masters")]
+
+        async def get(headers: list[tuple[str, str]]) -> list[str]:
+            async with http.get(url, ssl=agg, headers=CIMultiDict(headers)) as resp:
+                await resp.read()
+                warning = resp.headers.get("Warning", "-")
+                return [str(resp.status), resp.headers.get("Age", "-"), warning]
+
+        fresh = await get(hpa)
+        port = b.port or 0
+        await b.stop()
+        rows, started = [["", "fresh", *fresh]], time.monotonic()
+        for _ in range(6):  # every 0.5 s for 3 s
+            got = await get(hpa)
+            mark = self.checks.check(got[0] == "200" and got[2] != "-", "stale answer to the HPA")
+            rows.append([mark, f"down {time.monotonic() - started:.1f}s", *got])
+            await asyncio.sleep(0.5)
+        got = await get(other)
+        mark = self.checks.check(got[0] == "503", "another identity never gets it")
+        rows.append([mark, "one group more", *got])
+        await b.start(port=port)
+        got = await get(hpa)
+        mark = self.checks.check(got[0] == "200" and got[2] == "-", "fresh again after restart")
+        rows.append([mark, "back", *got])
+        print(table(["", "when", "HTTP", "Age", "Warning"], rows))
+        down = [r for r in rows if r[1].startswith("down")]
+        errors = sum(r[2] != "200" for r in down)
+        print(f"  {len(down)} polls while b was down: {errors} errors (c, with it off: 503 above)")
 
     def _refusal(self, what: str, r: Answer, want: int) -> list[str]:
         mark = self.checks.check(r.status == want, what)

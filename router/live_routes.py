@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from router.options import format_duration
 from router.routes import RouteTable, Tenant
+from router.stale import TenantView
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,8 @@ class LiveRoutes:
         }
         self.last_error: dict[str, UpstreamErrorRecord] = {}
         self._listeners: list[Callable[[RouteTable], None]] = []
+        # tenant -> its stale answers (set by the proxy that serves them)
+        self.stale_view: Callable[[str], TenantView] | None = None
 
     def on_swap(self, listener: Callable[[RouteTable], None]) -> None:
         self._listeners.append(listener)
@@ -54,6 +58,11 @@ class LiveRoutes:
     def record_error(self, tenant: str, kind: str, message: str) -> None:
         self.last_error[tenant] = UpstreamErrorRecord(self._clock(), kind, message)
 
+    def _stale_snapshot(self, tenant: str) -> dict[str, Any]:
+        if self.stale_view is None:
+            return {}
+        return {"staleAnswers": _stale_json(self.stale_view(tenant))}
+
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready view: tenants, namespaces, upstream, since when, last upstream error."""
         tenants = []
@@ -69,6 +78,7 @@ class LiveRoutes:
                     "lastUpstreamError": None
                     if err is None
                     else {"at": _rfc3339(err.at), "kind": err.kind, "message": err.message},
+                    **self._stale_snapshot(tenant.name),
                 }
             )
         default = self.table.default
@@ -79,6 +89,15 @@ class LiveRoutes:
             "tenants": tenants,
             "default": None if default is None else default.upstream.url,
         }
+
+
+def _stale_json(view: TenantView) -> dict[str, Any]:
+    return {
+        "enabled": view.serve_stale_for > 0,
+        "serveStaleFor": format_duration(view.serve_stale_for),
+        "entries": view.entries,
+        "lastServed": None if view.last_served is None else _rfc3339(view.last_served),
+    }
 
 
 def _rfc3339(ts: float) -> str:

@@ -15,6 +15,9 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+STALE_AGE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
 class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -91,6 +94,21 @@ class ProxyMetrics:
             multiprocess_mode="min",
         )
         self.start_time.set(time.time())
+        # Stale answers (router/stale.py): served instead of an upstream failure.
+        self.stale_answers = Counter(
+            "metrics_router_stale_answers_total",
+            "Failed requests answered with the caller's own last good answer, by tenant and "
+            "reason (unreachable, timeout, tls, protocol, upstream_500, upstream_503, overloaded).",
+            ["tenant", "reason"],
+            registry=registry,
+        )
+        self.stale_age = Histogram(
+            "metrics_router_stale_answer_age_seconds",
+            "Age of the last good answers served instead of a failure, by tenant.",
+            ["tenant"],
+            buckets=STALE_AGE_BUCKETS,
+            registry=registry,
+        )
         self._requests: dict[tuple[str, int], Counter] = {}
         self._duration: dict[str, Histogram] = {}
 
@@ -105,6 +123,10 @@ class ProxyMetrics:
             if hist is None:
                 hist = self._duration[tenant] = self.duration.labels(tenant)
             hist.observe(seconds)
+
+    def observe_stale(self, tenant: str, reason: str, age: float) -> None:
+        self.stale_answers.labels(tenant, reason).inc()
+        self.stale_age.labels(tenant).observe(age)
 
 
 def version() -> str:

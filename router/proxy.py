@@ -32,8 +32,8 @@ from typing import Any
 
 import httptools
 
-from router import paths, status
-from router.config import RequestHeaderSettings
+from router import paths, stale, status
+from router.config import RequestHeaderSettings, StaleSettings
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
 from router.routes import Upstream
@@ -287,6 +287,7 @@ class Exchange:
     upstream: Upstream
     head: bytes  # request line and headers, as written upstream
     started: float = 0.0
+    stale_key: stale.Key | None = None  # set when the tenant has stale answers on
 
 
 class Proxy:
@@ -307,6 +308,7 @@ class Proxy:
         max_inflight_per_tenant: int,
         ready: Callable[[], bool],
         resumed_peer_ok: Callable[[bytes | None], bool] | None = None,
+        stale_settings: StaleSettings | None = None,
     ) -> None:
         self._routes = routes
         self._client = client
@@ -319,6 +321,13 @@ class Proxy:
         self._gauges: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resumed_peer_ok = resumed_peer_ok
+        # Last good answers per caller (router/stale.py), following the routes in force.
+        self.stale = stale.StaleCache(stale_settings or StaleSettings())
+        self._clock: Callable[[], float] = time.monotonic  # ages of remembered answers
+        stale_default = self.stale.settings.serve_stale_for
+        self.stale.configure(stale.durations(routes.table, stale_default))
+        routes.on_swap(lambda table: self.stale.configure(stale.durations(table, stale_default)))
+        routes.stale_view = self.stale.view
 
     def peer_name(self, sslobj: ssl.SSLObject | None) -> str | None:
         """CN of the verified client certificate of a TLS connection, None without one.
@@ -405,8 +414,11 @@ class Proxy:
                 )
             )
         tenant = route.tenant
+        stale_key = self.stale.key_for(tenant, forwarded.headers, raw_path)
         if self._inflight.get(tenant, 0) >= self._max_inflight:
             self._metrics.upstream_errors.labels(tenant, "overloaded").inc()
+            if (answer := self._stale_answer(tenant, stale_key, "overloaded", None)) is not None:
+                return answer
             err = status.too_many_requests(tenant)
             self._metrics.observe(tenant, err.code, None)
             return _status_reply(err)
@@ -427,7 +439,7 @@ class Proxy:
                 b"\r\n",
             )
         )
-        return Exchange(tenant, target.namespace, upstream, head)
+        return Exchange(tenant, target.namespace, upstream, head, stale_key=stale_key)
 
     def forward(self, ex: Exchange, reply_to: Callable[[Reply], None]) -> None:
         """Steps 4-5: send the exchange upstream with the router's client certificate; the
@@ -466,12 +478,34 @@ class Proxy:
                 "upstream error tenant=%s namespace=%s kind=%s error=%r",
                 tenant, ex.namespace, result.kind, result.message,
             )  # fmt: skip
+            reason = stale.reason_for_error(result.kind)
+            if (answer := self._stale_answer(tenant, ex.stale_key, reason, seconds)) is not None:
+                return answer
             make = _STATUS_ERROR_KIND[result.kind]
             err = make(f"tenant {tenant!r} metrics server: {result.message}")
             self._metrics.observe(tenant, err.code, seconds)
             return _status_reply(err)
+        if ex.stale_key is not None:
+            if result.status == 200:
+                self.stale.remember(tenant, ex.stale_key, result, self._clock())
+            else:
+                reason = stale.reason_for_status(result.status)
+                answer = self._stale_answer(tenant, ex.stale_key, reason, seconds)
+                if answer is not None:
+                    return answer
         self._metrics.observe(tenant, result.status, seconds)
         return Reply(result.status, response_header_block(result.headers), result.body)
+
+    def _stale_answer(
+        self, tenant: str, key: stale.Key | None, reason: str | None, seconds: float | None
+    ) -> Reply | None:
+        """The caller's own last good answer instead of a failure, when there is one."""
+        found = self.stale.answer(tenant, key, reason, self._clock(), time.time())
+        if found is None:
+            return None
+        self._metrics.observe_stale(tenant, found.reason, found.age)
+        self._metrics.observe(tenant, 200, seconds)
+        return Reply(200, found.headers, found.body)
 
     def _bug(self) -> Reply:
         self._metrics.observe("", 502, None)

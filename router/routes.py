@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from router.names import is_dns1123_label, is_dns1123_subdomain
+from router.options import parse_duration
 
 # libyaml's loader when PyYAML was built with it: the pure-Python one takes most of the load
 # time of a 10,000-namespace routes file.
@@ -86,6 +87,7 @@ class Tenant:
     name: str
     namespaces: tuple[str, ...]
     upstream: Upstream
+    serve_stale_for: float | None = None  # seconds; None = the --serve-stale-for default
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +158,7 @@ def parse_routes_file(text: str, default: Upstream | None = None) -> RouteTable:
         namespaces: [tenant-a, tenant-a--dev]
         upstream: https://127.0.0.1:7001
         serverName: keda-operator-metrics-apiserver.tenant-a--sys.svc   # optional
+        serveStaleFor: 30s   # optional: overrides --serve-stale-for for this tenant
     ```
     """
     try:
@@ -197,7 +200,7 @@ def _parse_tenant(name: Any, spec: Any) -> tuple[Tenant | None, list[str]]:
         errors.append(f"{where}: tenant name must be a DNS-1123 label")
     if not isinstance(spec, dict):
         return None, [*errors, f"{where}: want a mapping with 'namespaces' and 'upstream'"]
-    unknown = set(spec) - {"namespaces", "upstream", "serverName"}
+    unknown = set(spec) - {"namespaces", "upstream", "serverName", "serveStaleFor"}
     errors.extend(f"{where}: unknown key {k!r}" for k in sorted(map(str, unknown)))
     namespaces = spec.get("namespaces")
     if not isinstance(namespaces, list) or not namespaces:
@@ -220,6 +223,14 @@ def _parse_tenant(name: Any, spec: Any) -> tuple[Tenant | None, list[str]]:
             upstream = Upstream.parse(url, server_name)
         except RoutesError as exc:
             errors.extend(f"{where}: {e}" for e in exc.errors)
+    stale_for = spec.get("serveStaleFor")
+    if stale_for is not None:
+        try:
+            if isinstance(stale_for, bool) or not isinstance(stale_for, str | int | float):
+                raise ValueError("want a duration such as 30s")
+            stale_for = parse_duration(str(stale_for))
+        except ValueError as exc:
+            errors.append(f"{where}.serveStaleFor: {exc}")
     if errors or upstream is None:
         return None, errors
-    return Tenant(name=name, namespaces=tuple(namespaces), upstream=upstream), []
+    return Tenant(name, tuple(namespaces), upstream, stale_for), []

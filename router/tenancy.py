@@ -64,9 +64,21 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from router.config import TenancySettings
+from router.options import parse_duration
 from router.routes import RoutesError, RouteTable, Tenant, Upstream
 
 HNC_DEPTH_SUFFIX = ".tree.hnc.x-k8s.io/depth"
+# On a tenant's metrics Service: overrides --serve-stale-for for that tenant ("30s", "0").
+SERVE_STALE_ANNOTATION = "metrics-router.io/serve-stale-for"
+
+
+def _stale_seconds(value: Any) -> float | None:
+    """The annotation's duration; None when absent or invalid (the default applies then)."""
+    try:
+        return parse_duration(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -108,6 +120,8 @@ class ServiceInfo:
     name: str
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     ports: tuple[tuple[str | None, int], ...] = ()
+    # seconds from the metrics-router.io/serve-stale-for annotation (None: absent or invalid)
+    serve_stale_for: float | None = None
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> ServiceInfo:
@@ -120,11 +134,13 @@ class ServiceInfo:
             if isinstance(number, int) and not isinstance(number, bool):
                 name = p.get("name")
                 ports.append((str(name) if name else None, number))
+        stale_for = (meta.get("annotations") or {}).get(SERVE_STALE_ANNOTATION)
         return cls(
             namespace=str(meta.get("namespace", "")),
             name=str(meta["name"]),
             labels=_labels(obj),
             ports=tuple(ports),
+            serve_stale_for=_stale_seconds(stale_for),
         )
 
     @property
@@ -298,6 +314,7 @@ def resolve(
         members.setdefault(tenant, []).append(name)
 
     upstreams: dict[str, Upstream] = {}
+    stale_for: dict[str, float | None] = {}  # from the chosen Service's annotation
     unrouted: dict[str, str] = {}
     if settings.upstream_template is not None:
         for tenant in sorted(members):
@@ -323,6 +340,7 @@ def resolve(
                 got = _service_upstream(svc)
                 if isinstance(got, Upstream):
                     upstreams[tenant] = got
+                    stale_for[tenant] = svc.serve_stale_for
                     chosen = svc
                     break
                 reasons.append(got)
@@ -344,8 +362,7 @@ def resolve(
                 )
 
     tenants = tuple(
-        Tenant(name=t, namespaces=tuple(members[t]), upstream=upstreams[t])
-        for t in sorted(upstreams)
+        Tenant(t, tuple(members[t]), upstreams[t], stale_for.get(t)) for t in sorted(upstreams)
     )
     # Each namespace has exactly one tenant here, so from_tenants cannot find a conflict.
     table = RouteTable.from_tenants(tenants, default=default)

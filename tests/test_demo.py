@@ -62,6 +62,8 @@ def test_demo_walks_the_whole_path_and_exits_zero() -> None:
     # the doctor, in routes-file mode: cluster checks skipped, every tenant's chain probed
     assert "- APIService: skipped: routes-file mode" in out
     assert "\u2713 tenant c: discovery GET as metrics-router:doctor" in out
+    assert "6 polls while b was down: 0 errors" in out
+    assert _row(lines, "one", "group", "more")[0] == "\u2713"
     # 5 namespaces, discovery, 5 refusals, nothing forwarded, live change, doctor, 3 outage
-    # rows, metrics, and the router's exit code 0 on SIGTERM
-    assert summary.startswith("19 passed, 0 failed"), summary
+    # rows, metrics, 6 stale answers, another identity, b back, and the exit code 0 on SIGTERM
+    assert summary.startswith("27 passed, 0 failed"), summary

@@ -84,7 +84,10 @@ def test_registered_metrics_include_the_proxy_and_cluster_families() -> None:
     # Guards the helper above: an empty registry would make every dashboard check vacuous.
     assert "metrics_router_requests_total" in RESERVED_METRICS
     assert "metrics_router_reloader_child_up" in RESERVED_METRICS
-    assert {"metrics_router_request_duration_seconds"} == RESERVED_HISTOGRAMS
+    assert {
+        "metrics_router_request_duration_seconds",
+        "metrics_router_stale_answer_age_seconds",
+    } == RESERVED_HISTOGRAMS
 
 
 # Metrics the alerts read from other exporters.
