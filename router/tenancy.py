@@ -63,8 +63,8 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Literal
 
-from router.config import TenancySettings
 from router.routes import RoutesError, RouteTable, Tenant, Upstream
+from router.settings import TenancySettings
 
 HNC_DEPTH_SUFFIX = ".tree.hnc.x-k8s.io/depth"
 

@@ -1,0 +1,26 @@
+"""Frozen settings dataclasses shared by the layers (no argparse: the CLI builds these).
+
+``TenancySettings`` says how a namespace finds its tenant (the strategies, tried in order)
+and how a tenant finds its upstream. ``router.config`` re-exports it for the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_TENANT_PATTERN = r"^tenant-(?P<tenant>[a-z0-9]+)(--.+)?$"
+DEFAULT_UPSTREAM_SERVICE_SELECTOR = "app.kubernetes.io/name=keda-operator-metrics-apiserver"
+STRATEGIES = ("hnc", "label", "pattern")
+
+
+@dataclass(frozen=True, slots=True)
+class TenancySettings:
+    """Namespace -> tenant resolution (first matching strategy wins) and tenant -> upstream."""
+
+    strategies: tuple[str, ...] = STRATEGIES
+    tenant_root_label: tuple[str, str] = ("tenancy.metrics-router.io/root", "true")
+    tenant_label: str | None = None
+    tenant_pattern: str = DEFAULT_TENANT_PATTERN
+    namespace_selector: str | None = None
+    upstream_service_selector: str = DEFAULT_UPSTREAM_SERVICE_SELECTOR
+    upstream_template: str | None = None
