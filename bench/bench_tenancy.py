@@ -40,8 +40,9 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router import kube, tenancy  # noqa: E402
+from router import kube  # noqa: E402
 from router.config import TenancySettings  # noqa: E402
+from router.core import tenancy  # noqa: E402
 from router.reconciler import ClusterRoutes  # noqa: E402
 
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}

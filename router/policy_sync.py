@@ -58,6 +58,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from router import kube
 from router.config import TenancySettings
+from router.core.tenancy import NamespaceInfo, Resolution, ServiceInfo, resolve
 from router.manifests import (
     CILIUM_API,
     KIND_CILIUM,
@@ -77,7 +78,6 @@ from router.manifests import (
     tenant_networks,
 )
 from router.routes import RouteTable
-from router.tenancy import NamespaceInfo, Resolution, ServiceInfo, resolve
 
 logger = logging.getLogger(__name__)
 

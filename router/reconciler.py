@@ -49,7 +49,6 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from router import tenancy
 from router.config import (
     DEFAULT_EXTRA_PREFIXES,
     DEFAULT_GROUP_HEADERS,
@@ -58,6 +57,7 @@ from router.config import (
     RequestHeaderSettings,
     TenancySettings,
 )
+from router.core import tenancy
 from router.kube import Backoff, Informer
 from router.routes import RouteTable, Upstream
 

@@ -55,8 +55,8 @@ from prometheus_client import (
 )
 
 from router.config import TenancySettings
+from router.core.tenancy import NamespaceInfo, tenant_of
 from router.kube import Backoff, Informer
-from router.tenancy import NamespaceInfo, tenant_of
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.config import TenancySettings
+from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve
 from router.manifests import (
     ANNOTATION_EGRESS_CIDRS,
     ANNOTATION_EGRESS_FQDNS,
@@ -59,7 +60,6 @@ from router.manifests import (
 from router.names import is_dns1123_label, is_dns1123_subdomain
 from router.render import output_files, write_output_dir
 from router.routes import RouteTable, parse_routes_file
-from router.tenancy import NamespaceInfo, ServiceInfo, resolve
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 CILIUM_SCHEMA = SCHEMAS / "cilium.io" / "ciliumclusterwidenetworkpolicy_v2.json"

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from router import kube
 from router.config import TenancySettings
+from router.core.tenancy import NamespaceInfo, Resolution, resolve
 from router.manifests import KIND_CILIUM, KIND_NETWORKPOLICY, OWNER_LABEL, parse_policy_config
 from router.policy_sync import (
     FIELD_MANAGER,
@@ -28,7 +29,6 @@ from router.policy_sync import (
     parse_duration,
     policy_settings_from_args,
 )
-from router.tenancy import NamespaceInfo, Resolution, resolve
 from tests.fakeapi import FakeKube
 from tests.test_manifests import talk_tree
 
