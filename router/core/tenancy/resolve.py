@@ -1,5 +1,8 @@
 """Namespaces + KEDA metrics Services + settings -> tenants and a RouteTable (pure).
 
+Each strategy is a module of this package (``hnc``, ``label``, ``pattern``) with a ``claim``
+function; upstreams are built in ``upstreams``; the data types live in ``model``.
+
 A purely computational module: no I/O, no clock, no aiohttp / kubernetes_asyncio /
 prometheus_client. The reconciler feeds it the raw API objects its informers hold; the namespace
 reloader and the NetworkPolicy renderer use the same resolution.
@@ -23,19 +26,15 @@ Public API
 ``Conflict(kind, subject, chosen, rejected, message)``
     ``kind`` is ``"namespace"`` (two tenants claim a namespace) or ``"service"`` (two metrics
     Services for one tenant). Hashable, so a caller can log each one once.
-``HNC_DEPTH_SUFFIX``
-    ``".tree.hnc.x-k8s.io/depth"``.
 
 Strategies (``TenancySettings.strategies``, tried in order, first answer wins)
 --------------------------------------------------------------------------
 ``hnc``
     HNC labels a namespace ``<ancestor>.tree.hnc.x-k8s.io/depth: "<n>"`` for itself (``0``) and
-    every ancestor (``n`` = distance). The candidates are those ancestors (itself included) that
-    carry ``settings.tenant_root_label`` (KEY=VALUE). The tenant is the candidate with the
-    LARGEST depth, i.e. the topmost root in the tree; the tenant's name is that root namespace's
-    name. When several candidates exist (nested roots) the others are reported as a
-    ``"namespace"`` conflict. Only namespaces the caller knows (``namespaces_by_name``) can be
-    recognised as roots, so a ``--namespace-selector`` must not hide the roots.
+    every ancestor (``n`` = distance). The tenant is the topmost ancestor (itself included) that
+    carries ``settings.tenant_root_label`` (KEY=VALUE), named after that root namespace; nested
+    roots are reported as a ``"namespace"`` conflict. See ``router.core.tenancy.hnc``, the one
+    home of this rule (the NetworkPolicy renderer selects subtrees by it too).
 ``label``
     ``ns.labels[settings.tenant_label]`` names the tenant (skipped when no label key is set or
     the value is empty).
@@ -56,219 +55,45 @@ without a usable upstream is not routed; ``Resolution.unrouted`` says why.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from functools import lru_cache
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Literal
 
-from router.routes import RoutesError, RouteTable, Tenant, Upstream
+from router.core.tenancy import hnc, label, pattern
+from router.core.tenancy.model import (
+    Claim,
+    Conflict,
+    NamespaceInfo,
+    Resolution,
+    ServiceInfo,
+)
+from router.core.tenancy.upstreams import service_upstream, template_upstream
+from router.routes import RouteTable, Tenant, Upstream
 from router.settings import TenancySettings
 
-HNC_DEPTH_SUFFIX = ".tree.hnc.x-k8s.io/depth"
+Strategy = Callable[[NamespaceInfo, Mapping[str, NamespaceInfo], TenancySettings], Claim | None]
 
-_EMPTY: Mapping[str, str] = MappingProxyType({})
-
-__all__ = [
-    "HNC_DEPTH_SUFFIX",
-    "Conflict",
-    "NamespaceInfo",
-    "Resolution",
-    "ServiceInfo",
-    "resolve",
-    "tenant_of",
-]
+STRATEGY_CLAIMS: Mapping[str, Strategy] = MappingProxyType(
+    {"hnc": hnc.claim, "label": label.claim, "pattern": pattern.claim}
+)
 
 
-def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
-    meta = obj.get("metadata") or {}
-    labels = meta.get("labels")
-    return labels if isinstance(labels, Mapping) else _EMPTY
-
-
-@dataclass(frozen=True, slots=True)
-class NamespaceInfo:
-    """A namespace: its name and labels (treat ``labels`` as read-only)."""
-
-    name: str
-    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
-
-    @classmethod
-    def from_object(cls, obj: Mapping[str, Any]) -> NamespaceInfo:
-        """From a raw Namespace JSON dict. The labels mapping is shared, not copied."""
-        return cls(name=str(obj["metadata"]["name"]), labels=_labels(obj))
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceInfo:
-    """A Service: where it is, its labels, and its ports as ``(name or None, port)``."""
-
-    namespace: str
-    name: str
-    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
-    ports: tuple[tuple[str | None, int], ...] = ()
-
-    @classmethod
-    def from_object(cls, obj: Mapping[str, Any]) -> ServiceInfo:
-        """From a raw Service JSON dict; ports without a numeric ``port`` are skipped."""
-        meta = obj["metadata"]
-        spec = obj.get("spec") or {}
-        ports: list[tuple[str | None, int]] = []
-        for p in spec.get("ports") or ():
-            number = p.get("port")
-            if isinstance(number, int) and not isinstance(number, bool):
-                name = p.get("name")
-                ports.append((str(name) if name else None, number))
-        return cls(
-            namespace=str(meta.get("namespace", "")),
-            name=str(meta["name"]),
-            labels=_labels(obj),
-            ports=tuple(ports),
-        )
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    def port(self) -> int | None:
-        """The port to use: named ``https``, else 443 if present, else the first; None if none."""
-        if not self.ports:
-            return None
-        for name, number in self.ports:
-            if name == "https":
-                return number
-        for _, number in self.ports:
-            if number == 443:
-                return number
-        return self.ports[0][1]
-
-
-@dataclass(frozen=True, slots=True)
-class Conflict:
-    """A claim that lost. ``chosen`` won over every entry of ``rejected``."""
-
-    kind: Literal["namespace", "service"]
-    subject: str  # the namespace (kind namespace) or the tenant (kind service)
-    chosen: str
-    rejected: tuple[str, ...]
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Resolution:
-    table: RouteTable
-    tenants: Mapping[str, tuple[str, ...]]  # tenant -> sorted namespaces (routed or not)
-    conflicts: tuple[Conflict, ...] = ()
-    unrouted: Mapping[str, str] = field(
-        default_factory=lambda: _EMPTY
-    )  # tenant -> reason it has no route
-
-
-# --------------------------------------------------------------------------- namespace -> tenant
-
-
-@lru_cache(maxsize=32)
-def _compile(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
-def _hnc_roots(
+def _claim(
     ns: NamespaceInfo, namespaces_by_name: Mapping[str, NamespaceInfo], settings: TenancySettings
-) -> list[tuple[int, str]]:
-    """Tenant-root ancestors of ns (itself included) as (depth, name), topmost first."""
-    root_key, root_value = settings.tenant_root_label
-    roots: list[tuple[int, str]] = []
-    for key, value in ns.labels.items():
-        if not key.endswith(HNC_DEPTH_SUFFIX):
-            continue
-        ancestor = key[: -len(HNC_DEPTH_SUFFIX)]
-        try:
-            depth = int(value)
-        except (TypeError, ValueError):
-            continue
-        info = namespaces_by_name.get(ancestor)
-        if info is not None and info.labels.get(root_key) == root_value:
-            roots.append((depth, ancestor))
-    # Largest depth first (the topmost root); equal depths (malformed labels) by name.
-    roots.sort(key=lambda r: (-r[0], r[1]))
-    return roots
-
-
-def _tenant_and_conflict(
-    ns: NamespaceInfo, namespaces_by_name: Mapping[str, NamespaceInfo], settings: TenancySettings
-) -> tuple[str | None, Conflict | None]:
+) -> Claim | None:
     for strategy in settings.strategies:
-        if strategy == "hnc":
-            roots = _hnc_roots(ns, namespaces_by_name, settings)
-            if not roots:
-                continue
-            chosen = roots[0][1]
-            conflict = None
-            if len(roots) > 1:
-                rejected = tuple(name for _, name in roots[1:])
-                conflict = Conflict(
-                    kind="namespace",
-                    subject=ns.name,
-                    chosen=chosen,
-                    rejected=rejected,
-                    message=f"namespace {ns.name!r} is below several tenant roots "
-                    f"({', '.join([chosen, *rejected])}); the topmost, {chosen!r}, wins",
-                )
-            return chosen, conflict
-        if strategy == "label":
-            if settings.tenant_label is None:
-                continue
-            value = ns.labels.get(settings.tenant_label)
-            if value:
-                return str(value), None
-        elif strategy == "pattern":
-            match = _compile(settings.tenant_pattern).search(ns.name)
-            if match is not None:
-                tenant = match.groupdict().get("tenant")
-                if tenant:
-                    return tenant, None
-    return None, None
+        claim = STRATEGY_CLAIMS.get(strategy)
+        got = claim(ns, namespaces_by_name, settings) if claim is not None else None
+        if got is not None:
+            return got
+    return None
 
 
 def tenant_of(
     ns: NamespaceInfo, namespaces_by_name: Mapping[str, NamespaceInfo], settings: TenancySettings
 ) -> str | None:
     """The tenant of ``ns`` by the first strategy that answers, or None (no tenant)."""
-    return _tenant_and_conflict(ns, namespaces_by_name, settings)[0]
-
-
-# --------------------------------------------------------------------------- tenant -> upstream
-
-
-def _service_upstream(svc: ServiceInfo) -> Upstream | str:
-    port = svc.port()
-    if port is None:
-        return f"Service {svc.key} has no ports"
-    return _service_url(svc.namespace, svc.name, port)
-
-
-# Parsing and validating an upstream URL costs tens of microseconds; with 1,000 tenants that
-# would dominate every recompute, so both builders are memoised (pure functions of their args).
-@lru_cache(maxsize=16384)
-def _service_url(namespace: str, name: str, port: int) -> Upstream | str:
-    host = f"{name}.{namespace}.svc"
-    try:
-        return Upstream.parse(f"https://{host}:{port}", host)
-    except RoutesError as exc:
-        return f"Service {namespace}/{name}: {exc}"
-
-
-@lru_cache(maxsize=16384)
-def _template_upstream(template: str, tenant: str) -> Upstream | str:
-    try:
-        url = template.format(tenant=tenant)
-    except (KeyError, IndexError, ValueError) as exc:
-        return f"--upstream-template cannot be formatted: {exc!r}"
-    try:
-        return Upstream.parse(url)
-    except RoutesError as exc:
-        return f"--upstream-template gives {exc}"
+    got = _claim(ns, namespaces_by_name, settings)
+    return got[0] if got is not None else None
 
 
 def resolve(
@@ -289,19 +114,19 @@ def resolve(
     ns_tenant: dict[str, str] = {}
     conflicts: list[Conflict] = []
     for name in sorted(by_name):
-        tenant, conflict = _tenant_and_conflict(by_name[name], by_name, settings)
-        if conflict is not None:
-            conflicts.append(conflict)
-        if tenant is None:
+        claim = _claim(by_name[name], by_name, settings)
+        if claim is None:
             continue
-        ns_tenant[name] = tenant
-        members.setdefault(tenant, []).append(name)
+        if claim[1] is not None:
+            conflicts.append(claim[1])
+        ns_tenant[name] = claim[0]
+        members.setdefault(claim[0], []).append(name)
 
     upstreams: dict[str, Upstream] = {}
     unrouted: dict[str, str] = {}
     if settings.upstream_template is not None:
         for tenant in sorted(members):
-            got = _template_upstream(settings.upstream_template, tenant)
+            got = template_upstream(settings.upstream_template, tenant)
             if isinstance(got, Upstream):
                 upstreams[tenant] = got
             else:
@@ -309,9 +134,9 @@ def resolve(
     else:
         candidates: dict[str, list[ServiceInfo]] = {}
         for svc in services:
-            tenant = ns_tenant.get(svc.namespace)
-            if tenant is not None:
-                candidates.setdefault(tenant, []).append(svc)
+            owner = ns_tenant.get(svc.namespace)
+            if owner is not None:
+                candidates.setdefault(owner, []).append(svc)
         for tenant in sorted(members):
             svcs = sorted(candidates.get(tenant, ()), key=lambda s: (s.namespace, s.name))
             if not svcs:
@@ -320,7 +145,7 @@ def resolve(
             reasons: list[str] = []
             chosen: ServiceInfo | None = None
             for svc in svcs:
-                got = _service_upstream(svc)
+                got = service_upstream(svc)
                 if isinstance(got, Upstream):
                     upstreams[tenant] = got
                     chosen = svc
