@@ -58,8 +58,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from router import kube
 from router.config import TenancySettings
-from router.core.tenancy import NamespaceInfo, Resolution, ServiceInfo, resolve
-from router.manifests import (
+from router.core.policy.config import (
     CILIUM_API,
     KIND_CILIUM,
     KIND_NETWORKPOLICY,
@@ -77,6 +76,7 @@ from router.manifests import (
     root_namespace_of,
     tenant_networks,
 )
+from router.core.tenancy import NamespaceInfo, Resolution, ServiceInfo, resolve
 from router.routes import RouteTable
 
 logger = logging.getLogger(__name__)

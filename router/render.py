@@ -38,7 +38,7 @@ from pathlib import Path
 
 from router import apiservice as apiservice_mod
 from router.config import ConfigError, TenancySettings, add_tenancy_arguments, tenancy_from_args
-from router.manifests import (
+from router.core.policy.config import (
     KIND_CILIUM,
     KIND_NETWORKPOLICY,
     KINDS,

@@ -24,8 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from router.config import TenancySettings
-from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve
-from router.manifests import (
+from router.core.policy.config import (
     ANNOTATION_EGRESS_CIDRS,
     ANNOTATION_EGRESS_FQDNS,
     ANNOTATION_EGRESS_PORTS,
@@ -57,6 +56,7 @@ from router.manifests import (
     tenant_networks,
     tenant_slug,
 )
+from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve
 from router.names import is_dns1123_label, is_dns1123_subdomain
 from router.render import output_files, write_output_dir
 from router.routes import RouteTable, parse_routes_file

@@ -18,8 +18,13 @@ from prometheus_client import CollectorRegistry
 
 from router import kube
 from router.config import TenancySettings
+from router.core.policy.config import (
+    KIND_CILIUM,
+    KIND_NETWORKPOLICY,
+    OWNER_LABEL,
+    parse_policy_config,
+)
 from router.core.tenancy import NamespaceInfo, Resolution, resolve
-from router.manifests import KIND_CILIUM, KIND_NETWORKPOLICY, OWNER_LABEL, parse_policy_config
 from router.policy_sync import (
     FIELD_MANAGER,
     LeaderElectionSettings,

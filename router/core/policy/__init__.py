@@ -1,0 +1,1 @@
+"""Traffic boundaries (pure): policy config, tenant networks, intents, two renderers, plan."""
