@@ -57,8 +57,8 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from router import kube
-from router.config import TenancySettings
-from router.core.policy.config import (
+from router.config import TenancySettings, tenancy_from_args
+from router.core.policy import (
     CILIUM_API,
     KIND_CILIUM,
     KIND_NETWORKPOLICY,
@@ -116,6 +116,8 @@ class PolicySyncSettings:
     leader_election: LeaderElectionSettings = field(default_factory=LeaderElectionSettings)
     backoff_initial: float = 1.0
     backoff_maximum: float = 60.0
+    # The tenancy's tenant-root label: tenants below a root of their own are selected by HNC.
+    tenant_root_label: tuple[str, str] = TenancySettings().tenant_root_label
 
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?$")
@@ -230,8 +232,13 @@ def policy_settings_from_args(
             errors.append(f"--policy-config: {exc}")
         except ManifestError as exc:
             errors.extend(f"--policy-config {args.policy_config}: {e}" for e in exc.errors)
+    # The tenancy flags share serve's parser; their problems are reported by serve's own check.
+    root_label = TenancySettings().tenant_root_label
+    if hasattr(args, "tenant_root_label"):
+        root_label = tenancy_from_args(args, []).tenant_root_label
     return PolicySyncSettings(
         kind=args.network_policy_kind,
+        tenant_root_label=root_label,
         config=config,
         config_path=args.policy_config,
         resync_period=durations["policy_resync_period"],
@@ -731,7 +738,9 @@ class PolicySync:
                 cidrs = self._apiserver_cidrs
                 config = replace(config, settings=replace(config.settings, apiserver_cidrs=cidrs))
             metas = await self._annotations(inputs)
-            networks, warnings = tenant_networks(inputs.table, config, metas, inputs.all_tenants)
+            networks, warnings = tenant_networks(
+                inputs.table, config, metas, inputs.all_tenants, self.settings.tenant_root_label
+            )
             rendering = render(networks, config.settings, self.kind)
             actual = await list_all(
                 self.api,

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from router import apiservice as apiservice_mod
 from router.config import ConfigError, TenancySettings, add_tenancy_arguments, tenancy_from_args
-from router.core.policy.config import (
+from router.core.policy import (
     KIND_CILIUM,
     KIND_NETWORKPOLICY,
     KINDS,
@@ -154,6 +154,7 @@ class Inputs:
     config: PolicyConfig
     namespaces: Mapping[str, NamespaceMeta]
     all_tenants: Mapping[str, Sequence[str]]
+    root_label: tuple[str, str] = TenancySettings().tenant_root_label
 
 
 def load_policy_config(path: Path | None) -> PolicyConfig:
@@ -208,7 +209,7 @@ def _render_policies(args: argparse.Namespace) -> int:
 def render_inputs(inputs: Inputs, kind: str) -> tuple[Manifest, ...]:
     """Tenants -> manifests; warnings go to stderr, refusals raise RenderError."""
     networks, warnings = tenant_networks(
-        inputs.table, inputs.config, inputs.namespaces, inputs.all_tenants
+        inputs.table, inputs.config, inputs.namespaces, inputs.all_tenants, inputs.root_label
     )
     try:
         rendering = render(networks, inputs.config.settings, kind)
@@ -239,7 +240,9 @@ async def _from_cluster(
         raise RenderError([f"reading the cluster: {exc}"]) from exc
     finally:
         await api.close()
-    return Inputs(state.table, config, state.namespaces, state.all_tenants)
+    return Inputs(
+        state.table, config, state.namespaces, state.all_tenants, tenancy.tenant_root_label
+    )
 
 
 # --------------------------------------------------------------------------- output

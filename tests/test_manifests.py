@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from router.config import TenancySettings
-from router.core.policy.config import (
+from router.core.policy import (
     ANNOTATION_EGRESS_CIDRS,
     ANNOTATION_EGRESS_FQDNS,
     ANNOTATION_EGRESS_PORTS,

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from router import kube
 from router.config import TenancySettings
-from router.core.policy.config import (
+from router.core.policy import (
     KIND_CILIUM,
     KIND_NETWORKPOLICY,
     OWNER_LABEL,
