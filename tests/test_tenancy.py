@@ -1,4 +1,4 @@
-"""router.tenancy: namespace -> tenant strategies, upstream discovery, conflicts (pure, no I/O)."""
+"""core.tenancy: namespace -> tenant strategies, upstream discovery, conflicts (pure, no I/O)."""
 
 from __future__ import annotations
 
