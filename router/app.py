@@ -304,7 +304,8 @@ class Router:
         return True
 
     async def _start_cluster(self) -> None:
-        from router import kube, reconciler  # cluster code loads only when used
+        from router import reconciler  # cluster code loads only when used
+        from router.cluster import client as kube
 
         cfg = self.config
         try:

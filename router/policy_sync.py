@@ -56,7 +56,7 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from router import kube
+from router.cluster import client as kube
 from router.config import TenancySettings, tenancy_from_args
 from router.core.policy import (
     CILIUM_API,

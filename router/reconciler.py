@@ -49,6 +49,7 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from router.cluster.client import Backoff, Informer
 from router.config import (
     DEFAULT_EXTRA_PREFIXES,
     DEFAULT_GROUP_HEADERS,
@@ -58,7 +59,6 @@ from router.config import (
     TenancySettings,
 )
 from router.core import tenancy
-from router.kube import Backoff, Informer
 from router.routes import RouteTable, Upstream
 
 logger = logging.getLogger(__name__)

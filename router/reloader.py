@@ -54,9 +54,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from router.cluster.client import Backoff, Informer
 from router.config import TenancySettings
 from router.core.tenancy import NamespaceInfo, tenant_of
-from router.kube import Backoff, Informer
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from router import logs
+from router.cluster.client import KubeConfigError, api_client
 from router.config import TenancySettings, add_tenancy_arguments, tenancy_from_args
-from router.kube import KubeConfigError, api_client
 from router.reloader import (
     NamespaceSource,
     Reloader,

@@ -224,7 +224,7 @@ async def _from_cluster(
     kubeconfig: Path | None, tenancy: TenancySettings, config: PolicyConfig, kind: str
 ) -> Inputs:
     # Imported here: the routes-file path needs no Kubernetes client.
-    from router import kube
+    from router.cluster import client as kube
     from router.policy_sync import discover_apiserver_cidrs, load_cluster_tenancy
 
     try:

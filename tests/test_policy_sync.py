@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from router import kube
+from router.cluster import client as kube
 from router.config import TenancySettings
 from router.core.policy import (
     KIND_CILIUM,

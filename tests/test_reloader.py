@@ -25,8 +25,8 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
 from router import cli
+from router.cluster.client import Backoff, api_client
 from router.config import TenancySettings
-from router.kube import Backoff, api_client
 from router.reloader import (
     CrashBackoff,
     NamespaceSource,
