@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from router.cluster import client as kube  # noqa: E402
+from router.cluster.routes_loop import ClusterRoutes  # noqa: E402
 from router.config import TenancySettings  # noqa: E402
 from router.core import tenancy  # noqa: E402
-from router.reconciler import ClusterRoutes  # noqa: E402
 
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}
 ROOT_LABEL = ("tenancy.metrics-router.io/root", "true")

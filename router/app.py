@@ -304,8 +304,8 @@ class Router:
         return True
 
     async def _start_cluster(self) -> None:
-        from router import reconciler  # cluster code loads only when used
         from router.cluster import client as kube
+        from router.cluster import routes_loop as reconciler  # loads only when used
 
         cfg = self.config
         try:
