@@ -314,7 +314,7 @@ class Router:
             raise StartupError(f"cannot load Kubernetes client configuration: {exc}") from exc
         sync = None
         if self._policy_settings is not None:
-            from router.policy_sync import PolicySync
+            from router.cluster.policy_loop import PolicySync
 
             sync = self._policy_sync = PolicySync(
                 self._api,

@@ -17,15 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from router.cluster import client as kube
-from router.config import TenancySettings
-from router.core.policy import (
-    KIND_CILIUM,
-    KIND_NETWORKPOLICY,
-    OWNER_LABEL,
-    parse_policy_config,
-)
-from router.core.tenancy import NamespaceInfo, Resolution, resolve
-from router.policy_sync import (
+from router.cluster.policy_loop import (
     FIELD_MANAGER,
     LeaderElectionSettings,
     PolicySync,
@@ -34,6 +26,14 @@ from router.policy_sync import (
     parse_duration,
     policy_settings_from_args,
 )
+from router.config import TenancySettings
+from router.core.policy import (
+    KIND_CILIUM,
+    KIND_NETWORKPOLICY,
+    OWNER_LABEL,
+    parse_policy_config,
+)
+from router.core.tenancy import NamespaceInfo, Resolution, resolve
 from tests.fakeapi import FakeKube
 from tests.test_manifests import talk_tree
 
