@@ -21,7 +21,7 @@ The child runs in its own process group, so a terminal's Ctrl-C reaches it once 
 not twice (controller-runtime exits hard on a second signal).
 
 ``Reloader`` is fed namespace sets through ``update()`` by any source and knows nothing about
-Kubernetes. ``NamespaceSource`` is the Kubernetes one: the shared ``router.kube.Informer``
+Kubernetes. ``NamespaceSource`` is the Kubernetes one: the shared ``cluster.informer.Informer``
 (list+watch, relist on 410, backoff, cache kept through API outages, so an outage leaves the child
 running with the last known set) and the shared ``router.tenancy`` resolution:
 
@@ -54,7 +54,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from router.cluster.client import Backoff, Informer
+from router.cluster.informer import Informer
+from router.cluster.retry import Backoff
 from router.config import TenancySettings
 from router.core.tenancy import NamespaceInfo, tenant_of
 

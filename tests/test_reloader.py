@@ -25,7 +25,8 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
 from router import cli
-from router.cluster.client import Backoff, api_client
+from router.cluster.client import api_client
+from router.cluster.retry import Backoff
 from router.config import TenancySettings
 from router.reloader import (
     CrashBackoff,

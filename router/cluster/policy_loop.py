@@ -57,6 +57,7 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from router.cluster import client as kube
+from router.cluster.retry import Backoff
 from router.config import TenancySettings, tenancy_from_args
 from router.core.policy import (
     CILIUM_API,
@@ -560,9 +561,7 @@ class PolicySync:
         self._passes = 0
         self._pass_done = asyncio.Condition()
         self.last_result: SyncResult | None = None
-        self._backoff = kube.Backoff(
-            initial=settings.backoff_initial, maximum=settings.backoff_maximum
-        )
+        self._backoff = Backoff(initial=settings.backoff_initial, maximum=settings.backoff_maximum)
         self._apiserver_cidrs: tuple[str, ...] = ()
         self._last_warnings: tuple[str, ...] = ()
         le = settings.leader_election

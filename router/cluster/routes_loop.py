@@ -14,7 +14,7 @@ min_interval=0.05)``
     computed before both informers have completed their first list, so a half-synced view never
     replaces the table. Attributes: ``synced`` (``asyncio.Event``, set after the first table),
     ``resolution`` (the last ``tenancy.Resolution`` or None), ``namespaces`` / ``services``
-    (the ``kube.Informer`` objects), ``async run()`` (until cancelled). Each new conflict and each
+    (the ``Informer`` objects), ``async run()`` (until cancelled). Each new conflict and each
     newly unrouted tenant is logged once.
 ``RequestHeaderFollower(api, on_change, *, registry, backoff=None)``
     Watches ``kube-system/extension-apiserver-authentication`` and calls
@@ -49,7 +49,8 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from router.cluster.client import Backoff, Informer
+from router.cluster.informer import Informer
+from router.cluster.retry import Backoff
 from router.config import (
     DEFAULT_EXTRA_PREFIXES,
     DEFAULT_GROUP_HEADERS,
