@@ -305,7 +305,7 @@ class Router:
 
     async def _start_cluster(self) -> None:
         from router.cluster import client as kube
-        from router.cluster import routes_loop as reconciler  # loads only when used
+        from router.cluster import requestheader, routes_loop  # loaded only when used
 
         cfg = self.config
         try:
@@ -330,7 +330,7 @@ class Router:
                 # table unchanged are picked up at the next resync.
                 sync.update(routes.resolution or table, routes.namespaces.cache)
 
-        routes = reconciler.ClusterRoutes(
+        routes = routes_loop.ClusterRoutes(
             self._api,
             cfg.tenancy,
             registry=self.registry,
@@ -342,7 +342,7 @@ class Router:
         self._synced = routes.synced.is_set
         self._tasks.append(asyncio.create_task(routes.run(), name="cluster-routes"))
         if not cfg.requestheader_from_flags:
-            follower = reconciler.RequestHeaderFollower(
+            follower = requestheader.RequestHeaderFollower(
                 self._api, self._on_configmap, registry=self.registry
             )
             self._tasks.append(asyncio.create_task(follower.run(), name="requestheader"))

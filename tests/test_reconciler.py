@@ -11,12 +11,9 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
-from router.cluster.routes_loop import (
-    ClusterRoutes,
-    RequestHeaderFollower,
-    cluster_metrics,
-    parse_auth_configmap,
-)
+from router.cluster.metrics import cluster_metrics
+from router.cluster.requestheader import RequestHeaderFollower, parse_auth_configmap
+from router.cluster.routes_loop import ClusterRoutes
 from router.config import (
     DEFAULT_GROUP_HEADERS,
     DEFAULT_USERNAME_HEADERS,
