@@ -225,7 +225,7 @@ async def _from_cluster(
 ) -> Inputs:
     # Imported here: the routes-file path needs no Kubernetes client.
     from router.cluster import client as kube
-    from router.cluster.policy_loop import discover_apiserver_cidrs, load_cluster_tenancy
+    from router.cluster.reads import discover_apiserver_cidrs, load_cluster_tenancy
 
     try:
         api = await kube.api_client(kubeconfig)

@@ -24,3 +24,14 @@ class TenancySettings:
     namespace_selector: str | None = None
     upstream_service_selector: str = DEFAULT_UPSTREAM_SERVICE_SELECTOR
     upstream_template: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderElectionSettings:
+    enabled: bool = True
+    namespace: str = "metrics-router"
+    lease_name: str = "metrics-router"
+    identity: str = ""  # default: $POD_NAME or the host name, plus a random suffix
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0

@@ -8,8 +8,8 @@ backoff, a periodic resync that reverts hand edits, and leader election on a
 
 Wiring it into ``serve`` (the composition root)::
 
-    add_policy_arguments(parser)                           # next to the serve flags
-    settings = policy_settings_from_args(args, errors)     # None without --manage-network-policies
+    add_policy_arguments(parser)          # policy_options, next to the serve flags
+    settings = policy_settings_from_args(args, errors)  # None without --manage-network-policies
     ...
     sync = PolicySync(api, kind=settings.kind, settings=settings, registry=registry)
 
@@ -35,20 +35,11 @@ a file.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import math
-import os
-import re
-import socket
-import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -57,13 +48,14 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from router.cluster import client as kube
+from router.cluster.lease import LeaderElector
+from router.cluster.reads import discover_apiserver_cidrs, list_all, namespace_meta
 from router.cluster.retry import Backoff
-from router.config import TenancySettings, tenancy_from_args
+from router.config import TenancySettings
 from router.core.policy import (
     CILIUM_API,
     KIND_CILIUM,
     KIND_NETWORKPOLICY,
-    KINDS,
     NETWORKPOLICY_API,
     OWNER_SELECTOR,
     ManifestError,
@@ -77,13 +69,13 @@ from router.core.policy import (
     root_namespace_of,
     tenant_networks,
 )
-from router.core.tenancy import NamespaceInfo, Resolution, ServiceInfo, resolve
+from router.core.tenancy import NamespaceInfo, Resolution
 from router.routes import RouteTable
+from router.settings import LeaderElectionSettings
 
 logger = logging.getLogger(__name__)
 
 FIELD_MANAGER = "metrics-router"
-LEASE_API = "coordination.k8s.io/v1"
 
 # kind -> (api_version, plural resource, namespaced)
 RESOURCES: Mapping[str, tuple[str, str, bool]] = MappingProxyType(
@@ -92,20 +84,6 @@ RESOURCES: Mapping[str, tuple[str, str, bool]] = MappingProxyType(
         KIND_CILIUM: (CILIUM_API[0], "ciliumclusterwidenetworkpolicies", False),
     }
 )
-
-
-# --------------------------------------------------------------------------- settings and flags
-
-
-@dataclass(frozen=True, slots=True)
-class LeaderElectionSettings:
-    enabled: bool = True
-    namespace: str = "metrics-router"
-    lease_name: str = "metrics-router"
-    identity: str = ""  # default: $POD_NAME or the host name, plus a random suffix
-    lease_duration: float = 15.0
-    renew_deadline: float = 10.0
-    retry_period: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,135 +97,6 @@ class PolicySyncSettings:
     backoff_maximum: float = 60.0
     # The tenancy's tenant-root label: tenants below a root of their own are selected by HNC.
     tenant_root_label: tuple[str, str] = TenancySettings().tenant_root_label
-
-
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from "90", "90s", "5m", "1h30m", "1.5s" (Go duration style, h/m/s units)."""
-    value = text.strip()
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    m = _DURATION.match(value)
-    if not value or m is None or not any(m.groups()):
-        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 5m, 1h)")
-    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + s
-
-
-def _bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("true", "1", "yes"):
-        return True
-    if low in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-
-
-def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
-    """NetworkPolicy flags of `serve` (see docs/network-policies.md)."""
-    g = parser.add_argument_group("network policies")
-    g.add_argument(
-        "--manage-network-policies",
-        action="store_true",
-        help="apply the tenants' NetworkPolicies with server-side apply and prune owned ones "
-        "no tenant wants (needs the cluster API)",
-    )
-    g.add_argument(
-        "--network-policy-kind",
-        choices=KINDS,
-        default=KIND_NETWORKPOLICY,
-        help="networkpolicy (networking.k8s.io/v1) or cilium (CiliumClusterwideNetworkPolicy); "
-        "default %(default)s",
-    )
-    g.add_argument("--policy-config", type=Path, help="policy config YAML (re-read on change)")
-    g.add_argument(
-        "--policy-resync-period",
-        default="5m",
-        help="re-apply everything this often, reverting hand edits (default %(default)s)",
-    )
-    g.add_argument(
-        "--leader-elect",
-        type=_bool,
-        nargs="?",
-        const=True,
-        default=True,
-        help="only the holder of the Lease writes policies (default true; "
-        "--leader-elect=false for a single replica)",
-    )
-    g.add_argument("--leader-election-namespace", default="metrics-router")
-    g.add_argument("--leader-election-lease-name", default="metrics-router")
-    g.add_argument("--leader-elect-lease-duration", default="15s")
-    g.add_argument("--leader-elect-renew-deadline", default="10s")
-    g.add_argument("--leader-elect-retry-period", default="2s")
-
-
-def default_identity() -> str:
-    return f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
-
-
-def policy_settings_from_args(
-    args: argparse.Namespace, errors: list[str]
-) -> PolicySyncSettings | None:
-    """Settings from the flags, or None without --manage-network-policies; problems are
-    appended to ``errors`` (the policy config file is read and checked here)."""
-    if not args.manage_network_policies:
-        return None
-    durations: dict[str, float] = {}
-    for flag in (
-        "policy_resync_period",
-        "leader_elect_lease_duration",
-        "leader_elect_renew_deadline",
-        "leader_elect_retry_period",
-    ):
-        name = "--" + flag.replace("_", "-")
-        try:
-            durations[flag] = parse_duration(str(getattr(args, flag)))
-            if durations[flag] <= 0:
-                errors.append(f"{name}: must be > 0")
-        except ValueError as exc:
-            errors.append(f"{name}: {exc}")
-            durations[flag] = 1.0
-    le = LeaderElectionSettings(
-        enabled=bool(args.leader_elect),
-        namespace=args.leader_election_namespace,
-        lease_name=args.leader_election_lease_name,
-        identity=default_identity(),
-        lease_duration=durations["leader_elect_lease_duration"],
-        renew_deadline=durations["leader_elect_renew_deadline"],
-        retry_period=durations["leader_elect_retry_period"],
-    )
-    if not le.retry_period < le.renew_deadline < le.lease_duration:
-        errors.append(
-            "leader election: want --leader-elect-retry-period < --leader-elect-renew-deadline "
-            "< --leader-elect-lease-duration"
-        )
-    config = PolicyConfig()
-    if args.policy_config is not None:
-        try:
-            config = parse_policy_config(Path(args.policy_config).read_text())
-        except OSError as exc:
-            errors.append(f"--policy-config: {exc}")
-        except ManifestError as exc:
-            errors.extend(f"--policy-config {args.policy_config}: {e}" for e in exc.errors)
-    # The tenancy flags share serve's parser; their problems are reported by serve's own check.
-    root_label = TenancySettings().tenant_root_label
-    if hasattr(args, "tenant_root_label"):
-        root_label = tenancy_from_args(args, []).tenant_root_label
-    return PolicySyncSettings(
-        kind=args.network_policy_kind,
-        tenant_root_label=root_label,
-        config=config,
-        config_path=args.policy_config,
-        resync_period=durations["policy_resync_period"],
-        leader_election=le,
-    )
-
-
-# --------------------------------------------------------------------------- metrics
 
 
 class PolicyMetrics:
@@ -270,231 +119,6 @@ class PolicyMetrics:
         )
         for result in ("success", "failure"):
             self.applies.labels(result)
-
-
-# --------------------------------------------------------------------------- cluster reads
-
-
-async def list_all(
-    api: ApiClient, path: str, query: Sequence[tuple[str, str]] = ()
-) -> list[dict[str, Any]]:
-    """Every item of a collection (paged)."""
-    items: list[dict[str, Any]] = []
-    cont = ""
-    while True:
-        page = [*query, ("limit", "500"), *([("continue", cont)] if cont else [])]
-        body = await kube.request(api, "GET", path, query=page)
-        items.extend((body or {}).get("items") or ())
-        cont = ((body or {}).get("metadata") or {}).get("continue") or ""
-        if not cont:
-            return items
-
-
-def namespace_meta(obj: Mapping[str, Any] | NamespaceInfo) -> NamespaceMeta:
-    if isinstance(obj, NamespaceInfo):
-        return NamespaceMeta(obj.name, obj.labels)
-    meta = obj.get("metadata") or {}
-    return NamespaceMeta(
-        str(meta.get("name", "")),
-        MappingProxyType(dict(meta.get("labels") or {})),
-        MappingProxyType(dict(meta.get("annotations") or {})),
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterTenancy:
-    table: RouteTable
-    namespaces: Mapping[str, NamespaceMeta]
-    all_tenants: Mapping[str, tuple[str, ...]]
-
-
-async def load_cluster_tenancy(api: ApiClient, tenancy: TenancySettings) -> ClusterTenancy:
-    """One-shot read of namespaces and KEDA metrics Services, resolved like `serve` does."""
-    ns_query = [("labelSelector", tenancy.namespace_selector)] if tenancy.namespace_selector else []
-    raw_ns = await list_all(api, kube.resource_path("namespaces"), ns_query)
-    services: list[ServiceInfo] = []
-    if tenancy.upstream_template is None:
-        raw_svc = await list_all(
-            api,
-            kube.resource_path("services"),
-            [("labelSelector", tenancy.upstream_service_selector)],
-        )
-        services = [ServiceInfo.from_object(s) for s in raw_svc]
-    resolution = resolve([NamespaceInfo.from_object(n) for n in raw_ns], services, tenancy)
-    metas = {m.name: m for m in map(namespace_meta, raw_ns)}
-    return ClusterTenancy(resolution.table, metas, resolution.tenants)
-
-
-async def discover_apiserver_cidrs(api: ApiClient) -> tuple[str, ...]:
-    """The kube-apiserver's endpoint addresses (default/kubernetes) as /32 or /128 CIDRs."""
-    addresses: set[str] = set()
-    try:
-        slices = await list_all(
-            api,
-            kube.resource_path(
-                "endpointslices", api_version="discovery.k8s.io/v1", namespace="default"
-            ),
-            [("labelSelector", "kubernetes.io/service-name=kubernetes")],
-        )
-        for s in slices:
-            for ep in s.get("endpoints") or ():
-                addresses.update(map(str, ep.get("addresses") or ()))
-    except kube.KubeNotFound:
-        pass
-    if not addresses:
-        endpoints = await kube.request(
-            api, "GET", kube.resource_path("endpoints", namespace="default", name="kubernetes")
-        )
-        for subset in (endpoints or {}).get("subsets") or ():
-            addresses.update(str(a.get("ip")) for a in subset.get("addresses") or ())
-    cidrs = set()
-    for a in addresses:
-        with contextlib.suppress(ValueError):
-            cidrs.add(str(ipaddress.ip_network(a)))
-    if not cidrs:
-        raise kube.KubeApiError(404, "NotFound", "no addresses for the default/kubernetes Service")
-    return tuple(sorted(cidrs))
-
-
-# --------------------------------------------------------------------------- leader election
-
-
-def _micro_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class LeaderElector:
-    """client-go's Lease lock: acquire when free or expired, renew, release on shutdown.
-
-    Expiry is judged on this replica's monotonic clock from the moment it last saw the Lease
-    record change (as client-go does), so clock skew between replicas does not matter.
-    """
-
-    def __init__(
-        self,
-        api: ApiClient,
-        settings: LeaderElectionSettings,
-        on_change: Callable[[bool], None],
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.api = api
-        self.s = settings
-        self.identity = settings.identity or default_identity()
-        self.on_change = on_change
-        self.clock = clock
-        self.wall_clock = wall_clock
-        self.is_leader = False
-        self._observed: tuple[Any, ...] | None = None
-        self._observed_at = 0.0
-        self._last_renew = 0.0
-        self._path = kube.resource_path(
-            "leases", api_version=LEASE_API, namespace=settings.namespace, name=settings.lease_name
-        )
-
-    def _spec(self, transitions: int, acquire: str | None) -> dict[str, Any]:
-        now = _micro_time(self.wall_clock())
-        return {
-            "holderIdentity": self.identity,
-            "leaseDurationSeconds": max(1, math.ceil(self.s.lease_duration)),
-            "acquireTime": acquire or now,
-            "renewTime": now,
-            "leaseTransitions": transitions,
-        }
-
-    async def try_acquire_or_renew(self) -> bool:
-        """One attempt; True when this replica holds the Lease afterwards."""
-        try:
-            lease = await kube.request(self.api, "GET", self._path)
-        except kube.KubeNotFound:
-            body = {
-                "apiVersion": LEASE_API,
-                "kind": "Lease",
-                "metadata": {"name": self.s.lease_name, "namespace": self.s.namespace},
-                "spec": self._spec(0, None),
-            }
-            collection = self._path.rsplit("/", 1)[0]
-            try:
-                await kube.request(self.api, "POST", collection, body=body)
-            except kube.KubeConflict:
-                return False  # another replica created it first
-            return True
-        spec = lease.get("spec") or {}
-        holder = spec.get("holderIdentity") or ""
-        record = (holder, spec.get("renewTime"), spec.get("leaseDurationSeconds"))
-        now = self.clock()
-        if record != self._observed:
-            self._observed, self._observed_at = record, now
-        duration = float(spec.get("leaseDurationSeconds") or self.s.lease_duration)
-        if holder and holder != self.identity and now < self._observed_at + duration:
-            return False  # held by another replica and not expired
-        transitions = int(spec.get("leaseTransitions") or 0)
-        if holder != self.identity:
-            transitions += 1
-        lease["spec"] = self._spec(
-            transitions, spec.get("acquireTime") if holder == self.identity else None
-        )
-        try:
-            await kube.request(self.api, "PUT", self._path, body=lease)
-        except kube.KubeConflict:
-            return False  # someone else wrote it in between
-        return True
-
-    def _set(self, leader: bool) -> None:
-        if leader != self.is_leader:
-            self.is_leader = leader
-            logger.info(
-                "leader election %s lease=%s/%s identity=%s",
-                "acquired" if leader else "lost",
-                self.s.namespace,
-                self.s.lease_name,
-                self.identity,
-            )
-            self.on_change(leader)
-
-    async def step(self) -> None:
-        """One round: try to acquire or renew; step down when the renew deadline passed."""
-        try:
-            ok = await self.try_acquire_or_renew()
-        except kube.KubeError as exc:
-            logger.warning("leader election: lease request failed error=%s", exc)
-            ok = None
-        now = self.clock()
-        if ok:
-            self._last_renew = now
-            self._set(True)
-        elif ok is False or now - self._last_renew > self.s.renew_deadline:
-            self._set(False)
-
-    async def run(self) -> None:
-        """Acquire and renew every retry period until cancelled."""
-        while True:
-            await self.step()
-            await asyncio.sleep(self.s.retry_period)
-
-    async def release(self) -> None:
-        """Give the Lease up (holder cleared), so another replica takes over at once."""
-        if not self.is_leader:
-            return
-        self._set(False)
-        try:
-            lease = await kube.request(self.api, "GET", self._path)
-            if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
-                return
-            now = _micro_time(self.wall_clock())
-            lease["spec"] |= {
-                "holderIdentity": "",
-                "leaseDurationSeconds": 1,
-                "renewTime": now,
-                "acquireTime": now,
-            }
-            await kube.request(self.api, "PUT", self._path, body=lease)
-            logger.info("leader election released lease=%s/%s", self.s.namespace, self.s.lease_name)
-        except kube.KubeError as exc:
-            logger.warning("leader election: release failed error=%s", exc)
-
-
-# --------------------------------------------------------------------------- sync
 
 
 Namespaces = Mapping[str, Mapping[str, Any]] | Iterable[Mapping[str, Any] | NamespaceInfo]
@@ -559,7 +183,6 @@ class PolicySync:
         self._leader = asyncio.Event()
         self._follower = asyncio.Event()
         self._passes = 0
-        self._pass_done = asyncio.Condition()
         self.last_result: SyncResult | None = None
         self._backoff = Backoff(initial=settings.backoff_initial, maximum=settings.backoff_maximum)
         self._apiserver_cidrs: tuple[str, ...] = ()
@@ -656,20 +279,14 @@ class PolicySync:
                 )
             await self._wait_any(self._stopping, self._dirty, limit=delay)
 
-    async def wait_passes(self, n: int) -> None:
-        """Until at least ``n`` sync passes have completed (for tests and diagnostics)."""
-        async with self._pass_done:
-            await self._pass_done.wait_for(lambda: self._passes >= n)
-
     @property
     def passes(self) -> int:
+        """Sync passes completed so far (``last_result`` holds the latest one's result)."""
         return self._passes
 
     async def _finish(self, result: SyncResult) -> SyncResult:
         self.last_result = result
-        async with self._pass_done:
-            self._passes += 1
-            self._pass_done.notify_all()
+        self._passes += 1
         return result
 
     # -- one pass ------------------------------------------------------------------------
