@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from router.config import ConfigError
 from router.names import is_dns1123_label
 
 OWNER_LABEL = "app.kubernetes.io/managed-by"
@@ -45,12 +46,8 @@ Labels = tuple[tuple[str, str], ...]
 LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")  # fullmatch
 
 
-class ManifestError(ValueError):
+class ManifestError(ConfigError, ValueError):
     """Inputs that cannot be rendered safely; ``errors`` lists every problem found."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("; ".join(errors))
-        self.errors = errors
 
 
 # --------------------------------------------------------------------------- inputs
