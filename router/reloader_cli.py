@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from router import logs
 from router.cluster.client import KubeConfigError, api_client
 from router.config import TenancySettings, add_tenancy_arguments, tenancy_from_args
-from router.reloader import (
+from router.reloader.shell import (
     NamespaceSource,
     Reloader,
     ReloaderMetrics,

@@ -28,7 +28,7 @@ from router import cli
 from router.cluster.client import api_client
 from router.cluster.retry import Backoff
 from router.config import TenancySettings
-from router.reloader import (
+from router.reloader.shell import (
     CrashBackoff,
     NamespaceSource,
     Reloader,
