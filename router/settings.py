@@ -6,7 +6,8 @@ and how a tenant finds its upstream. ``router.config`` re-exports it for the com
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 DEFAULT_TENANT_PATTERN = r"^tenant-(?P<tenant>[a-z0-9]+)(--.+)?$"
 DEFAULT_UPSTREAM_SERVICE_SELECTOR = "app.kubernetes.io/name=keda-operator-metrics-apiserver"
@@ -35,3 +36,19 @@ class LeaderElectionSettings:
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReloaderSettings:
+    """The namespace reloader: the child COMMAND and its timing."""
+
+    command: tuple[str, ...]
+    env_name: str = "WATCH_NAMESPACE"
+    debounce: float = 2.0
+    grace_period: float = 30.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    # A child that stayed up this long resets the backoff to backoff_initial.
+    backoff_reset: float = 120.0
+    # Base environment of the child; None = the reloader's own environment at start time.
+    environment: Mapping[str, str] | None = field(default=None)

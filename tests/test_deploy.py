@@ -59,7 +59,7 @@ def registered_metrics() -> tuple[frozenset[str], frozenset[str]]:
     from router.cluster.metrics import cluster_metrics
     from router.cluster.policy_loop import PolicyMetrics
     from router.metrics import ProxyMetrics
-    from router.reloader.shell import ReloaderMetrics
+    from router.reloader.metrics import ReloaderMetrics
 
     registry = CollectorRegistry()
     ProxyMetrics(registry)
