@@ -21,6 +21,7 @@ lint: install
 	$(BIN)/ruff check router tests bench
 	$(BIN)/ruff format --check router tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 fmt: install
 	$(BIN)/ruff format router tests bench
