@@ -14,7 +14,7 @@ root; the NetworkPolicy renderer selects a tenant's namespaces by that root's su
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from router.core.tenancy.model import Claim, Conflict, NamespaceInfo
 from router.settings import TenancySettings
@@ -29,39 +29,34 @@ def depth_label(namespace: str) -> str:
     return f"{namespace}{HNC_DEPTH_SUFFIX}"
 
 
-def ancestors(labels: Labels) -> list[tuple[int, str]]:
-    """(depth, ancestor) from a namespace's HNC labels, itself included (bad depths skipped)."""
-    out: list[tuple[int, str]] = []
-    for key, value in labels.items():
-        if not key.endswith(HNC_DEPTH_SUFFIX):
+Known = Mapping[str, NamespaceInfo] | Mapping[str, Labels]
+
+
+def tenant_roots(
+    labels: Labels, known: Known, root_label: tuple[str, str]
+) -> list[tuple[int, str]]:
+    """The ancestors of a namespace with these labels (itself included) that are tenant roots,
+    as (depth, name), topmost first (largest depth; equal depths, from malformed labels, by
+    name). ``known``: the namespaces the caller knows, name -> NamespaceInfo or labels; only
+    those can be recognised as roots."""
+    key, value = root_label
+    roots: list[tuple[int, str]] = []
+    for label, text in labels.items():
+        if not label.endswith(HNC_DEPTH_SUFFIX):
+            continue
+        ancestor = label[: -len(HNC_DEPTH_SUFFIX)]
+        theirs = known.get(ancestor)
+        if isinstance(theirs, NamespaceInfo):
+            theirs = theirs.labels
+        if theirs is None or theirs.get(key) != value:
             continue
         try:
-            depth = int(value)
+            roots.append((int(text), ancestor))
         except (TypeError, ValueError):
             continue
-        out.append((depth, key[: -len(HNC_DEPTH_SUFFIX)]))
-    return out
-
-
-def tenant_roots(labels: Labels, is_root: Callable[[str], bool]) -> list[tuple[int, str]]:
-    """The ancestors (itself included) that are tenant roots, as (depth, name), topmost first
-    (largest depth; equal depths, from malformed labels, by name)."""
-    roots = [(d, a) for d, a in ancestors(labels) if is_root(a)]
-    roots.sort(key=lambda r: (-r[0], r[1]))
+    if len(roots) > 1:
+        roots.sort(key=lambda r: (-r[0], r[1]))
     return roots
-
-
-def root_test(
-    labels_by_name: Callable[[str], Labels | None], root_label: tuple[str, str]
-) -> Callable[[str], bool]:
-    """``is_root(name)``: the namespace is known and carries the tenant-root label."""
-    key, value = root_label
-
-    def is_root(name: str) -> bool:
-        labels = labels_by_name(name)
-        return labels is not None and labels.get(key) == value
-
-    return is_root
 
 
 def claim(
@@ -72,12 +67,7 @@ def claim(
     Only namespaces the caller knows can be recognised as roots, so a ``--namespace-selector``
     must not hide the roots.
     """
-
-    def labels(name: str) -> Labels | None:
-        info = namespaces_by_name.get(name)
-        return info.labels if info is not None else None
-
-    roots = tenant_roots(ns.labels, root_test(labels, settings.tenant_root_label))
+    roots = tenant_roots(ns.labels, namespaces_by_name, settings.tenant_root_label)
     if not roots:
         return None
     chosen = roots[0][1]
@@ -104,10 +94,9 @@ def subtree_root(
     namespaces that is itself one of them; ties by name. None when no namespace of the tenant
     is below a tenant root of its own (it is then selected by name)."""
     ours = set(namespaces)
-    is_root = root_test(labels.get, root_label)
     counts: Counter[str] = Counter()
     for ns in ours:
-        roots = tenant_roots(labels.get(ns) or {}, is_root)
+        roots = tenant_roots(labels.get(ns) or {}, labels, root_label)
         if roots and roots[0][1] in ours:
             counts[roots[0][1]] += 1
     if not counts:
