@@ -56,8 +56,7 @@ def registered_metrics() -> tuple[frozenset[str], frozenset[str]]:
     """(every sample name family, histogram families) that the code registers."""
     from prometheus_client import CollectorRegistry
 
-    from router.cluster.metrics import cluster_metrics
-    from router.cluster.policy_loop import PolicyMetrics
+    from router.cluster.metrics import PolicyMetrics, cluster_metrics
     from router.metrics import ProxyMetrics
     from router.reloader.metrics import ReloaderMetrics
 

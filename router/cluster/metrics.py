@@ -1,4 +1,5 @@
-"""Metrics of the cluster watches (informers), shared by the routes loop and the follower.
+"""Metrics of the cluster loops: the watches (shared by the routes loop and the follower)
+and the NetworkPolicy loop.
 
 ``ClusterMetrics`` / ``cluster_metrics(registry) -> ClusterMetrics``
     The cluster metrics, registered once per registry (shared by both classes and by anyone
@@ -6,6 +7,9 @@
     ``metrics_router_last_sync_timestamp_seconds``, ``metrics_router_route_conflicts_total{kind}``,
     ``metrics_router_synced``. (``metrics_router_routes`` / ``metrics_router_tenants`` belong to
     the proxy metrics, set from the table it is given.)
+``PolicyMetrics(registry)``
+    ``metrics_router_policy_applies{result}``, ``metrics_router_policy_prunes``,
+    ``metrics_router_leader``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from router.cluster.informer import Informer
 
-__all__ = ["ClusterMetrics", "cluster_metrics"]
+__all__ = ["ClusterMetrics", "PolicyMetrics", "cluster_metrics"]
 
 
 class ClusterMetrics:
@@ -85,3 +89,27 @@ def cluster_metrics(registry: CollectorRegistry) -> ClusterMetrics:
     if metrics is None:
         metrics = _METRICS[registry] = ClusterMetrics(registry)
     return metrics
+
+
+class PolicyMetrics:
+    """Metrics of the NetworkPolicy loop (applies, prunes, leadership)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.applies = Counter(
+            "metrics_router_policy_applies",
+            "Server-side applies of owned policy objects by result (success, failure).",
+            ["result"],
+            registry=registry,
+        )
+        self.prunes = Counter(
+            "metrics_router_policy_prunes",
+            "Owned policy objects deleted because no tenant wants them.",
+            registry=registry,
+        )
+        self.leader = Gauge(
+            "metrics_router_leader",
+            "1 while this replica holds the policy Lease (and may write policies).",
+            registry=registry,
+        )
+        for result in ("success", "failure"):
+            self.applies.labels(result)

@@ -45,10 +45,11 @@ from types import MappingProxyType
 from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from router.cluster import client as kube
 from router.cluster.lease import LeaderElector
+from router.cluster.metrics import PolicyMetrics
 from router.cluster.reads import discover_apiserver_cidrs, list_all, namespace_meta
 from router.cluster.retry import Backoff
 from router.config import TenancySettings
@@ -97,28 +98,6 @@ class PolicySyncSettings:
     backoff_maximum: float = 60.0
     # The tenancy's tenant-root label: tenants below a root of their own are selected by HNC.
     tenant_root_label: tuple[str, str] = TenancySettings().tenant_root_label
-
-
-class PolicyMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.applies = Counter(
-            "metrics_router_policy_applies",
-            "Server-side applies of owned policy objects by result (success, failure).",
-            ["result"],
-            registry=registry,
-        )
-        self.prunes = Counter(
-            "metrics_router_policy_prunes",
-            "Owned policy objects deleted because no tenant wants them.",
-            registry=registry,
-        )
-        self.leader = Gauge(
-            "metrics_router_leader",
-            "1 while this replica holds the policy Lease (and may write policies).",
-            registry=registry,
-        )
-        for result in ("success", "failure"):
-            self.applies.labels(result)
 
 
 Namespaces = Mapping[str, Mapping[str, Any]] | Iterable[Mapping[str, Any] | NamespaceInfo]
