@@ -12,11 +12,8 @@ from router.routes import RouteTable
 from router.settings import TenancySettings
 
 _SERVICE_HOST = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.(?P<ns>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\.cluster\.local)?\.?$"
-)
-
-
-# --------------------------------------------------------------------------- tenants in
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\.(?P<ns>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\.cluster\.local)?\.?"
+)  # fullmatch
 
 
 def keda_namespace_for(tenant: str, tls_name: str | None, config: PolicyConfig) -> str:
@@ -27,7 +24,7 @@ def keda_namespace_for(tenant: str, tls_name: str | None, config: PolicyConfig) 
     override = config.tenants.get(tenant)
     if override is not None and override.keda_namespace:
         return override.keda_namespace
-    m = _SERVICE_HOST.match((tls_name or "").lower())
+    m = _SERVICE_HOST.fullmatch((tls_name or "").lower())
     if m:
         return m.group("ns")
     return config.settings.keda_namespace_template.format(tenant=tenant)
