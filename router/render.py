@@ -8,7 +8,7 @@ metrics-router render apiservice --ca-file F [--service-namespace metrics-router
                       [--service-name metrics-router] [--service-port 443]
 ```
 
-`policies` (the default) renders the NetworkPolicies of `router.manifests`. From a routes file,
+`policies` (the default) renders the NetworkPolicies of `router.core.policy`. From a routes file,
 a tenant's KEDA namespace is `tenants.<t>.kedaNamespace` of the policy config, else the `<ns>`
 of the tenant's `serverName` (or upstream host) `<svc>.<ns>.svc`, else `<tenant>--sys`
 (`keda.namespaceTemplate`). From a cluster the tenants are resolved exactly as `serve` resolves

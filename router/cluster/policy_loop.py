@@ -1,8 +1,8 @@
 """Keep the cluster's NetworkPolicies equal to the rendered ones (leader only).
 
-Adapter around the pure `router.manifests`: server-side apply of what differs (field manager
+Adapter around the pure `router.core.policy`: server-side apply of what differs (field manager
 ``metrics-router``, ``force=true``), deletion of owned objects no tenant wants (listed with the
-ownership label selector, and `manifests.plan` deletes nothing without that label), retry with
+ownership label selector, and `core.policy.plan` deletes nothing without that label), retry with
 backoff, a periodic resync that reverts hand edits, and leader election on a
 ``coordination.k8s.io/v1`` Lease so that several router replicas never fight.
 
