@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from router.cluster import client as kube
+from router.cluster.lease import LeaderElector
 from router.cluster.policy_loop import FIELD_MANAGER, PolicySync, PolicySyncSettings
 from router.cluster.policy_options import (
     add_policy_arguments,
@@ -331,6 +333,41 @@ async def test_only_the_leader_writes_and_hands_over_on_release(tmp_path: Path) 
                 assert held["spec"]["leaseTransitions"] == 1
             held = lease(fake)
             assert held["spec"]["holderIdentity"] == ""  # r2 released it on stop
+
+
+async def test_the_lease_loop_retries_by_the_one_retry_policy(tmp_path: Path) -> None:
+    """A failed Lease request is retried after the server's Retry-After (capped at the renew
+    deadline), not after the short retry period; a plain failure after the retry period."""
+    le = LeaderElectionSettings(
+        identity="r1", lease_duration=3.0, renew_deadline=2.0, retry_period=0.05
+    )
+    async with FakeKube(tmp_path) as fake:
+        api = await kube.api_client(fake.kubeconfig)
+        elector = LeaderElector(api, le, lambda leader: None)
+        loop = asyncio.get_running_loop()
+
+        def lease_requests() -> int:
+            return len([r for r in fake.requests if "/leases" in r[1]])
+
+        fake.fail_next(1, status=429, retry_after=1)
+        task = asyncio.create_task(elector.run())
+        try:
+            await wait_until(lambda: lease_requests() >= 1, fake)
+            failed_at = loop.time()
+            await wait_until(lambda: lease_requests() >= 2, fake)
+            assert loop.time() - failed_at >= 0.9  # Retry-After: 1, not the 0.05 s period
+            await wait_until(lambda: elector.is_leader, fake)
+            fake.fail_next(1, status=500)
+            seen = lease_requests()
+            await wait_until(lambda: lease_requests() >= seen + 1, fake)
+            failed_at = loop.time()
+            await wait_until(lambda: lease_requests() >= seen + 2, fake)
+            assert loop.time() - failed_at < 0.9  # no Retry-After: the retry period
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await api.close()
 
 
 async def test_an_expired_lease_of_a_dead_leader_is_taken_over(tmp_path: Path) -> None:
