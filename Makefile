@@ -21,6 +21,7 @@ lint: install
 	$(BIN)/ruff check router tests bench
 	$(BIN)/ruff format --check router tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 fmt: install
 	$(BIN)/ruff format router tests bench
@@ -33,4 +34,4 @@ bench: install
 	bash bench/run.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache

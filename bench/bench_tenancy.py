@@ -40,9 +40,11 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router import kube, tenancy  # noqa: E402
+from router.cluster import client as kube  # noqa: E402
+from router.cluster.routes_loop import ClusterRoutes  # noqa: E402
 from router.config import TenancySettings  # noqa: E402
-from router.reconciler import ClusterRoutes  # noqa: E402
+from router.core import tenancy  # noqa: E402
+from router.core.tenancy import upstreams  # noqa: E402
 
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}
 ROOT_LABEL = ("tenancy.metrics-router.io/root", "true")
@@ -160,8 +162,8 @@ STRATEGIES = {
 
 def first_sync(ns_body: bytes, svc_body: bytes, settings: TenancySettings) -> tenancy.Resolution:
     # cold: a first sync has not parsed any upstream URL yet
-    tenancy._service_url.cache_clear()
-    tenancy._template_upstream.cache_clear()
+    upstreams._service_url.cache_clear()
+    upstreams.template_upstream.cache_clear()
     caches = []
     for body in (ns_body, svc_body):
         cache: dict[str, dict[str, Any]] = {}

@@ -15,9 +15,8 @@ from typing import Any
 import yaml
 
 from router.names import is_dns1123_label
+from router.status import GROUP, VERSION
 
-GROUP = "external.metrics.k8s.io"
-VERSION = "v1beta1"
 NAME = f"{VERSION}.{GROUP}"
 GROUP_PRIORITY_MINIMUM = 100
 VERSION_PRIORITY = 100

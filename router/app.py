@@ -305,7 +305,8 @@ class Router:
         return True
 
     async def _start_cluster(self) -> None:
-        from router import kube, reconciler  # cluster code loads only when used
+        from router.cluster import client as kube
+        from router.cluster import requestheader, routes_loop  # loaded only when used
 
         cfg = self.config
         try:
@@ -314,7 +315,7 @@ class Router:
             raise StartupError(f"cannot load Kubernetes client configuration: {exc}") from exc
         sync = None
         if self._policy_settings is not None:
-            from router.policy_sync import PolicySync
+            from router.cluster.policy_loop import PolicySync
 
             sync = self._policy_sync = PolicySync(
                 self._api,
@@ -330,7 +331,7 @@ class Router:
                 # table unchanged are picked up at the next resync.
                 sync.update(routes.resolution or table, routes.namespaces.cache)
 
-        routes = reconciler.ClusterRoutes(
+        routes = routes_loop.ClusterRoutes(
             self._api,
             cfg.tenancy,
             registry=self.registry,
@@ -342,7 +343,7 @@ class Router:
         self._synced = routes.synced.is_set
         self._tasks.append(asyncio.create_task(routes.run(), name="cluster-routes"))
         if not cfg.requestheader_from_flags:
-            follower = reconciler.RequestHeaderFollower(
+            follower = requestheader.RequestHeaderFollower(
                 self._api, self._on_configmap, registry=self.registry
             )
             self._tasks.append(asyncio.create_task(follower.run(), name="requestheader"))

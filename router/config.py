@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.options import byte_size, duration
+from router.settings import DEFAULT_TENANT_PATTERN, DEFAULT_UPSTREAM_SERVICE_SELECTOR, STRATEGIES
+from router.settings import TenancySettings as TenancySettings
 
 DEFAULT_USERNAME_HEADERS = ("X-Remote-User",)
 DEFAULT_UID_HEADERS = ("X-Remote-Uid",)
 DEFAULT_GROUP_HEADERS = ("X-Remote-Group",)
 DEFAULT_EXTRA_PREFIXES = ("X-Remote-Extra-",)
-DEFAULT_TENANT_PATTERN = r"^tenant-(?P<tenant>[a-z0-9]+)(--.+)?$"
 DEFAULT_TENANT_ROOT_LABEL = "tenancy.metrics-router.io/root=true"
-DEFAULT_UPSTREAM_SERVICE_SELECTOR = "app.kubernetes.io/name=keda-operator-metrics-apiserver"
-STRATEGIES = ("hnc", "label", "pattern")
 DEFAULT_STALE_MAX_ENTRIES_PER_TENANT = 1000
 DEFAULT_STALE_MAX_BYTES = 32 * 1024 * 1024
 
@@ -48,19 +47,6 @@ class RequestHeaderSettings:
     uid_headers: tuple[str, ...] = DEFAULT_UID_HEADERS
     group_headers: tuple[str, ...] = DEFAULT_GROUP_HEADERS
     extra_headers_prefixes: tuple[str, ...] = DEFAULT_EXTRA_PREFIXES
-
-
-@dataclass(frozen=True, slots=True)
-class TenancySettings:
-    """Namespace -> tenant resolution (first matching strategy wins) and tenant -> upstream."""
-
-    strategies: tuple[str, ...] = STRATEGIES
-    tenant_root_label: tuple[str, str] = ("tenancy.metrics-router.io/root", "true")
-    tenant_label: str | None = None
-    tenant_pattern: str = DEFAULT_TENANT_PATTERN
-    namespace_selector: str | None = None
-    upstream_service_selector: str = DEFAULT_UPSTREAM_SERVICE_SELECTOR
-    upstream_template: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,15 +25,13 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from router import logs
+from router.cluster.client import KubeConfigError, api_client
 from router.config import TenancySettings, add_tenancy_arguments, tenancy_from_args
-from router.kube import KubeConfigError, api_client
-from router.reloader import (
-    NamespaceSource,
-    Reloader,
-    ReloaderMetrics,
-    ReloaderSettings,
-    start_health_server,
-)
+from router.reloader.health import start_health_server
+from router.reloader.metrics import ReloaderMetrics
+from router.reloader.shell import Reloader
+from router.reloader.source import NamespaceSource
+from router.settings import ReloaderSettings
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ logger = logging.getLogger("router.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from router.policy_sync import add_policy_arguments
+    from router.cluster.policy_options import add_policy_arguments
 
     add_serve_arguments(parser)
     add_policy_arguments(parser)
@@ -69,7 +69,7 @@ async def serve(
 
 
 def run(args: argparse.Namespace) -> int:
-    from router.policy_sync import policy_settings_from_args
+    from router.cluster.policy_options import policy_settings_from_args
 
     errors: list[str] = []
     try:

@@ -39,9 +39,9 @@ from kubernetes_asyncio.client import ApiClient
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from router import kube
 from router.app import Router
 from router.certs import Pki, generate_pki
+from router.cluster import client as kube
 from router.config import add_serve_arguments, serve_config_from_args
 from router.keda_stub import KedaStub
 from tests.fakeapi import FakeKube

@@ -75,7 +75,7 @@ import yaml
 from aiohttp import web
 
 from router.certs import CertAndKey, issue_cert, make_ca
-from router.kube import Backoff
+from router.cluster.retry import Backoff
 
 Obj = dict[str, Any]
 GVR = tuple[str, str]  # (api_version, resource)

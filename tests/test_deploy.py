@@ -56,10 +56,9 @@ def registered_metrics() -> tuple[frozenset[str], frozenset[str]]:
     """(every sample name family, histogram families) that the code registers."""
     from prometheus_client import CollectorRegistry
 
+    from router.cluster.metrics import PolicyMetrics, cluster_metrics
     from router.metrics import ProxyMetrics
-    from router.policy_sync import PolicyMetrics
-    from router.reconciler import cluster_metrics
-    from router.reloader import ReloaderMetrics
+    from router.reloader.metrics import ReloaderMetrics
 
     registry = CollectorRegistry()
     ProxyMetrics(registry)

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from kubernetes_asyncio.client import ApiClient
 
-from router import kube
-from router.kube import Backoff, Informer
+from router.cluster import client as kube
+from router.cluster.informer import Informer
+from router.cluster.retry import Backoff
 from tests.fakeapi import FakeKube, Signal, fast_backoff, running
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")

@@ -20,11 +20,11 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from router.config import TenancySettings
-from router.manifests import (
+from router.core.policy import (
     ANNOTATION_EGRESS_CIDRS,
     ANNOTATION_EGRESS_FQDNS,
     ANNOTATION_EGRESS_PORTS,
@@ -56,10 +56,10 @@ from router.manifests import (
     tenant_networks,
     tenant_slug,
 )
+from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve
 from router.names import is_dns1123_label, is_dns1123_subdomain
 from router.render import output_files, write_output_dir
 from router.routes import RouteTable, parse_routes_file
-from router.tenancy import NamespaceInfo, ServiceInfo, resolve
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 CILIUM_SCHEMA = SCHEMAS / "cilium.io" / "ciliumclusterwidenetworkpolicy_v2.json"
@@ -801,6 +801,7 @@ def test_render_refuses_unsafe_inputs(
 
 @settings(max_examples=200, deadline=None)
 @given(tenant=st.text(min_size=1, max_size=300))
+@example(tenant="0\n")  # `$` matches before a final newline: names use fullmatch
 def test_names_and_labels_are_valid_for_any_tenant_name(tenant: str) -> None:
     slug = tenant_slug(tenant)
     assert is_dns1123_label(slug)

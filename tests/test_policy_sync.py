@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,19 +17,24 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from router import kube
-from router.config import TenancySettings
-from router.manifests import KIND_CILIUM, KIND_NETWORKPOLICY, OWNER_LABEL, parse_policy_config
-from router.policy_sync import (
-    FIELD_MANAGER,
-    LeaderElectionSettings,
-    PolicySync,
-    PolicySyncSettings,
+from router.cluster import client as kube
+from router.cluster.lease import LeaderElector
+from router.cluster.policy_loop import FIELD_MANAGER, PolicySync, PolicySyncSettings
+from router.cluster.policy_options import (
     add_policy_arguments,
     parse_duration,
     policy_settings_from_args,
 )
-from router.tenancy import NamespaceInfo, Resolution, resolve
+from router.config import TenancySettings
+from router.core.policy import (
+    KIND_CILIUM,
+    KIND_NETWORKPOLICY,
+    OWNER_LABEL,
+    parse_policy_config,
+)
+from router.core.tenancy import NamespaceInfo, Resolution, resolve
+from router.settings import LeaderElectionSettings
+from tests.conftest import wait_until as poll_until
 from tests.fakeapi import FakeKube
 from tests.test_manifests import talk_tree
 
@@ -111,7 +117,7 @@ async def test_applies_every_object_with_server_side_apply(
         resolution, namespaces = seed(fake)
         async with running(fake, settings(kind=kind, elect=False), registry) as sync:
             sync.update(resolution, namespaces)
-            await asyncio.wait_for(sync.wait_passes(1), 5)
+            await poll_until(lambda: sync.passes >= 1)
             assert sync.last_result is not None
             assert sync.last_result.ok
             got = policies(fake, gvr)
@@ -127,7 +133,7 @@ async def test_applies_every_object_with_server_side_apply(
 
             # The same tenants again: nothing differs, nothing is written.
             sync.update(resolution, namespaces)
-            await asyncio.wait_for(sync.wait_passes(2), 5)
+            await poll_until(lambda: sync.passes >= 2)
             assert len([r for r in fake.requests if r[0] == "PATCH"]) == 9
             assert sync.last_result.applied == ()
 
@@ -153,7 +159,7 @@ async def test_prunes_owned_objects_only(tmp_path: Path) -> None:
             fake.put(NP[1], obj, api_version=NP[0])
         async with running(fake, settings(elect=False), registry) as sync:
             sync.update(resolution, namespaces)
-            await asyncio.wait_for(sync.wait_passes(1), 5)
+            await poll_until(lambda: sync.passes >= 1)
             names = set(policies(fake))
             assert "metrics-router-gone-keda-operator" not in names
             assert {"default-deny", "metrics-router-tenant-b-keda-operator-copy"} <= names
@@ -167,7 +173,7 @@ async def test_prunes_owned_objects_only(tmp_path: Path) -> None:
                 tenants={"tenant-a": resolution.tenants["tenant-a"]},
             )
             sync.update(without_b, namespaces)
-            await asyncio.wait_for(sync.wait_passes(2), 5)
+            await poll_until(lambda: sync.passes >= 2)
             names = set(policies(fake))
             assert not any(
                 n.startswith("metrics-router-tenant-b-")
@@ -184,7 +190,7 @@ async def test_periodic_resync_reverts_a_hand_edit(tmp_path: Path) -> None:
         resolution, namespaces = seed(fake)
         async with running(fake, settings(elect=False, resync=0.05)) as sync:
             sync.update(resolution, namespaces)
-            await asyncio.wait_for(sync.wait_passes(1), 5)
+            await poll_until(lambda: sync.passes >= 1)
             name = "metrics-router-tenant-a-keda-operator"
             original = policies(fake)[name]["spec"]
             edited = copy.deepcopy(policies(fake)[name])
@@ -192,7 +198,7 @@ async def test_periodic_resync_reverts_a_hand_edit(tmp_path: Path) -> None:
             fake.put(NP[1], edited, api_version=NP[0])
             assert policies(fake)[name]["spec"]["egress"] == [{}]
             seen = sync.passes
-            await asyncio.wait_for(sync.wait_passes(seen + 2), 5)  # no update(): the resync
+            await poll_until(lambda: sync.passes >= seen + 2)  # no update(): the resync
             assert policies(fake)[name]["spec"] == original
 
 
@@ -204,7 +210,7 @@ async def test_annotation_edits_in_a_live_namespace_cache_count_at_the_next_resy
         cache = {o["metadata"]["name"]: o for o in namespaces}  # stands for Informer.cache
         async with running(fake, settings(elect=False, resync=0.05)) as sync:
             sync.update(resolution, cache)
-            await asyncio.wait_for(sync.wait_passes(1), 5)
+            await poll_until(lambda: sync.passes >= 1)
             name = "metrics-router-tenant-a-keda-operator"
             assert {"ipBlock": {"cidr": "203.0.113.0/24"}} in policies(fake)[name]["spec"][
                 "egress"
@@ -215,7 +221,7 @@ async def test_annotation_edits_in_a_live_namespace_cache_count_at_the_next_resy
             )
             cache["tenant-a"] = edited  # the informer replaces objects on change
             seen = sync.passes
-            await asyncio.wait_for(sync.wait_passes(seen + 2), 5)  # no update() call
+            await poll_until(lambda: sync.passes >= seen + 2)  # no update() call
             assert policies(fake)[name]["spec"]["egress"][-1]["to"] == [
                 {"ipBlock": {"cidr": "192.0.2.0/24"}}
             ]
@@ -242,11 +248,11 @@ async def test_failed_applies_are_counted_and_retried_with_backoff(tmp_path: Pat
         resolution, namespaces = seed(fake)
         async with running(fake, settings(elect=False), registry) as sync:
             sync.update(resolution, namespaces)
-            await asyncio.wait_for(sync.wait_passes(1), 5)
+            await poll_until(lambda: sync.passes >= 1)
             assert sync.last_result is not None
             assert len(sync.last_result.failed) == 2
             assert value(registry, "metrics_router_policy_applies_total", result="failure") == 2
-            await asyncio.wait_for(sync.wait_passes(2), 5)  # retried without any update()
+            await poll_until(lambda: sync.passes >= 2)  # retried without any update()
             assert sync.last_result.ok
             assert len(sync.last_result.applied) == 2
             assert len(policies(fake)) == 9
@@ -267,7 +273,7 @@ async def test_refused_render_leaves_the_cluster_alone(tmp_path: Path) -> None:
         s = settings(elect=False, config=parse_policy_config(""))
         async with running(fake, s) as sync:
             sync.update(resolution, namespaces)
-            await asyncio.wait_for(sync.wait_passes(1), 5)
+            await poll_until(lambda: sync.passes >= 1)
             assert sync.last_result is not None
             assert sync.last_result.error
             assert list(policies(fake)) == ["metrics-router-x"]
@@ -279,7 +285,7 @@ async def test_reads_root_annotations_when_given_namespace_infos(tmp_path: Path)
         resolution, namespaces = seed(fake)
         async with running(fake, settings(elect=False)) as sync:
             sync.update(resolution, [NamespaceInfo.from_object(o) for o in namespaces])
-            await asyncio.wait_for(sync.wait_passes(1), 5)
+            await poll_until(lambda: sync.passes >= 1)
             op = policies(fake)["metrics-router-tenant-a-keda-operator"]
             assert {"ipBlock": {"cidr": "203.0.113.0/24"}} in op["spec"]["egress"][-1]["to"]
             assert ("GET", "/api/v1/namespaces/tenant-a", {}) in fake.requests
@@ -301,7 +307,7 @@ async def test_only_the_leader_writes_and_hands_over_on_release(tmp_path: Path) 
             assert held["spec"]["holderIdentity"] == "r1"
             assert first.passes == 0  # leader, but no tenants yet: nothing written
             first.update(resolution, namespaces)
-            await asyncio.wait_for(first.wait_passes(1), 5)
+            await poll_until(lambda: first.passes >= 1)
             assert len(policies(fake)) == 9
             async with running(fake, settings("r2"), reg2) as second:
                 second.update(resolution, namespaces)
@@ -319,7 +325,7 @@ async def test_only_the_leader_writes_and_hands_over_on_release(tmp_path: Path) 
                 assert value(reg2, "metrics_router_leader") == 0
                 await first.stop()  # releases the Lease
                 await asyncio.wait_for(second.wait_leader(), 5)
-                await asyncio.wait_for(second.wait_passes(1), 5)
+                await poll_until(lambda: second.passes >= 1)
                 assert value(reg1, "metrics_router_leader") == 0
                 assert value(reg2, "metrics_router_leader") == 1
                 held = lease(fake)
@@ -327,6 +333,41 @@ async def test_only_the_leader_writes_and_hands_over_on_release(tmp_path: Path) 
                 assert held["spec"]["leaseTransitions"] == 1
             held = lease(fake)
             assert held["spec"]["holderIdentity"] == ""  # r2 released it on stop
+
+
+async def test_the_lease_loop_retries_by_the_one_retry_policy(tmp_path: Path) -> None:
+    """A failed Lease request is retried after the server's Retry-After (capped at the renew
+    deadline), not after the short retry period; a plain failure after the retry period."""
+    le = LeaderElectionSettings(
+        identity="r1", lease_duration=3.0, renew_deadline=2.0, retry_period=0.05
+    )
+    async with FakeKube(tmp_path) as fake:
+        api = await kube.api_client(fake.kubeconfig)
+        elector = LeaderElector(api, le, lambda leader: None)
+        loop = asyncio.get_running_loop()
+
+        def lease_requests() -> int:
+            return len([r for r in fake.requests if "/leases" in r[1]])
+
+        fake.fail_next(1, status=429, retry_after=1)
+        task = asyncio.create_task(elector.run())
+        try:
+            await wait_until(lambda: lease_requests() >= 1, fake)
+            failed_at = loop.time()
+            await wait_until(lambda: lease_requests() >= 2, fake)
+            assert loop.time() - failed_at >= 0.9  # Retry-After: 1, not the 0.05 s period
+            await wait_until(lambda: elector.is_leader, fake)
+            fake.fail_next(1, status=500)
+            seen = lease_requests()
+            await wait_until(lambda: lease_requests() >= seen + 1, fake)
+            failed_at = loop.time()
+            await wait_until(lambda: lease_requests() >= seen + 2, fake)
+            assert loop.time() - failed_at < 0.9  # no Retry-After: the retry period
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await api.close()
 
 
 async def test_an_expired_lease_of_a_dead_leader_is_taken_over(tmp_path: Path) -> None:

@@ -11,6 +11,9 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
+from router.cluster.metrics import cluster_metrics
+from router.cluster.requestheader import RequestHeaderFollower, parse_auth_configmap
+from router.cluster.routes_loop import ClusterRoutes
 from router.config import (
     DEFAULT_GROUP_HEADERS,
     DEFAULT_USERNAME_HEADERS,
@@ -18,12 +21,6 @@ from router.config import (
     TenancySettings,
 )
 from router.metrics import ProxyMetrics
-from router.reconciler import (
-    ClusterRoutes,
-    RequestHeaderFollower,
-    cluster_metrics,
-    parse_auth_configmap,
-)
 from router.routes import RouteTable
 from tests.fakeapi import FakeKube, Signal, fast_backoff, running
 
@@ -165,7 +162,7 @@ async def test_conflicts_counted_and_logged_once(
             "metrics_router_route_conflicts_total", {"kind": "service"}
         )
 
-    with caplog.at_level(logging.WARNING, logger="router.reconciler"):
+    with caplog.at_level(logging.WARNING, logger="router.cluster.routes_loop"):
         async with running(routes.run()):
             await asyncio.wait_for(routes.synced.wait(), 2)
             route = tables.latest.lookup("tenant-a--sys")

@@ -13,11 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from router import stale, tenancy
+from router import stale
 from router.certs import Pki
 from router.config import RequestHeaderSettings, StaleSettings, serve_config_from_args
+from router.core import tenancy
 from router.proxy import IdentityHeaders, forward_headers
 from router.routes import RoutesError, RouteTable, Tenant, Upstream, parse_routes_file
+from router.settings import TenancySettings
 from tests.conftest import HPA_IDENTITY, parse_serve_args, serve_args
 
 TARGET = "/apis/external.metrics.k8s.io/v1beta1/namespaces/tenant-a/s0-prometheus?labelSelector=x"
@@ -517,7 +519,7 @@ def test_service_annotation_sets_the_tenant_duration(
 ) -> None:
     svc = tenancy.ServiceInfo.from_object(service(annotations))
     namespaces = [tenancy.NamespaceInfo("tenant-a"), tenancy.NamespaceInfo("tenant-a--sys")]
-    resolution = tenancy.resolve(namespaces, [svc], tenancy.TenancySettings())
+    resolution = tenancy.resolve(namespaces, [svc], TenancySettings())
     (tenant,) = resolution.table.tenants
     assert tenant.name == "a"
     assert tenant.serve_stale_for == want

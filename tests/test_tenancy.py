@@ -1,4 +1,4 @@
-"""router.tenancy: namespace -> tenant strategies, upstream discovery, conflicts (pure, no I/O)."""
+"""core.tenancy: namespace -> tenant strategies, upstream discovery, conflicts (pure, no I/O)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from collections.abc import Mapping
 import pytest
 
 from router.config import TenancySettings
-from router.routes import Upstream
-from router.tenancy import (
+from router.core.tenancy import (
     HNC_DEPTH_SUFFIX,
     NamespaceInfo,
     ServiceInfo,
     resolve,
     tenant_of,
 )
+from router.routes import Upstream
 
 ROOT = {"tenancy.metrics-router.io/root": "true"}
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}

@@ -1,9 +1,9 @@
 """The doctor's cluster reads: everything the cluster checks judge, as a snapshot.
 
 Every failure to read is recorded in ``Cluster.errors`` (never raised), except an API that does
-not answer at all (``kube.KubeUnreachable``), which the caller reports once. This is the one
-module of the doctor that imports the cluster adapters (router.kube, router.tenancy,
-router.manifests, router.policy_sync).
+not answer at all (``client.KubeUnreachable``), which the caller reports once. This is the one
+module of the doctor that imports the cluster adapters (router.cluster, router.core.tenancy,
+router.core.policy).
 """
 
 from __future__ import annotations
@@ -21,8 +21,21 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
-from router import kube
-from router.config import TenancySettings
+from router.cluster import client as kube
+from router.cluster.reads import discover_apiserver_cidrs, list_all, namespace_meta
+from router.core.policy import (
+    CILIUM_API,
+    KIND_CILIUM,
+    KIND_NETWORKPOLICY,
+    NETWORKPOLICY_API,
+    OWNER_SELECTOR,
+    ManifestError,
+    PolicyConfig,
+    parse_policy_config,
+    render,
+    tenant_networks,
+)
+from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve, tenant_of
 from router.doctor.checks import GROUP
 from router.doctor.probes import Network, join_address, probe_serving, split_address
 from router.doctor.snapshot import (
@@ -37,21 +50,8 @@ from router.doctor.snapshot import (
     Tenancy,
     UpstreamService,
 )
-from router.manifests import (
-    CILIUM_API,
-    KIND_CILIUM,
-    KIND_NETWORKPOLICY,
-    NETWORKPOLICY_API,
-    OWNER_SELECTOR,
-    ManifestError,
-    PolicyConfig,
-    parse_policy_config,
-    render,
-    tenant_networks,
-)
-from router.policy_sync import discover_apiserver_cidrs, list_all, namespace_meta
 from router.routes import RouteTable
-from router.tenancy import NamespaceInfo, ServiceInfo, resolve, tenant_of
+from router.settings import TenancySettings
 
 MAX_SERVING_PROBES = 3
 

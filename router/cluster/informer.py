@@ -1,26 +1,7 @@
-"""Kubernetes adapter: client, raw JSON requests, list+watch informers, one retry policy.
-
-The real kubernetes-asyncio client does transport, authentication (kubeconfig, in-cluster token
-refresh) and TLS; this module never deserialises into its model classes. Every call goes through
-``ApiClient.call_api(..., _preload_content=False)`` and the body is parsed with ``json`` into
-plain dicts, so 10,000 namespaces sync in milliseconds of CPU, not seconds.
+"""list+watch of one resource into a cache of raw dicts (kopf's shape).
 
 Public API
 ----------
-``async api_client(kubeconfig: Path | None) -> ApiClient``
-    From a kubeconfig file, else the in-cluster service account. Close it with ``await
-    client.close()``. Raises ``KubeConfigError``.
-``resource_path(resource, *, api_version="v1", namespace=None, name=None) -> str``
-    ``/api/v1/...`` for the core group, ``/apis/<group>/<version>/...`` otherwise.
-``async request(api, method, path, *, query=(), body=None, content_type=None, request_timeout=...)``
-    One request, JSON in and out (``body`` is a dict; for server-side apply pass
-    ``content_type=APPLY_PATCH`` and ``fieldManager``/``force`` in ``query``). Errors mapped
-    once, most specific first: ``KubeGone`` (410), ``KubeConflict`` (409), ``KubeNotFound``
-    (404), ``KubeApiError`` (any other HTTP error, with the Status reason/message and any
-    Retry-After), ``KubeUnreachable`` (connection, TLS, timeout). All are ``KubeError``.
-``Backoff(initial=0.5, maximum=30.0, factor=2.0, jitter=0.5)``
-    The one retry policy: capped exponential with jitter, Retry-After honoured.
-    ``next(retry_after=None) -> float``, ``reset()``, ``async sleep(retry_after=None)``.
 ``Informer(api, resource, *, namespace=None, api_version="v1", label_selector=None,
 field_selector=None, backoff=None, page_size=500, on_restart=None)``
     list+watch of one resource. ``cache`` (read-only ``Mapping[str, dict]`` of raw objects keyed
@@ -31,7 +12,7 @@ field_selector=None, backoff=None, page_size=500, on_restart=None)``
     is current: a completed list, a watch (re)connected, an event or a bookmark; None before),
     ``async run(on_change)``: runs until cancelled.
 
-Informer behaviour (kopf's shape: an endless outer loop around a finite inner watch)
+Behaviour (an endless outer loop around a finite inner watch)
     initial list (paged with ``limit``/``continue``) -> watch from the list's resourceVersion
     with ``allowWatchBookmarks`` -> on a normal end of the stream (server timeout) watch again
     from the last resourceVersion seen -> on 410 Gone (an ERROR event with code 410 or an HTTP
@@ -50,258 +31,28 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
+from kubernetes_asyncio.client import ApiClient
+
+from router.cluster.client import (
+    DEFAULT_TIMEOUT,
+    KubeApiError,
+    KubeError,
+    KubeGone,
+    api_error,
+    object_key,
+    open_response,
+    raise_for_status,
+    request,
+    resource_path,
+)
+from router.cluster.retry import Backoff
 
 logger = logging.getLogger(__name__)
-
-USER_AGENT = "metrics-router"
-APPLY_PATCH = "application/apply-patch+yaml"
-MERGE_PATCH = "application/merge-patch+json"
-DEFAULT_TIMEOUT = (10.0, 60.0)  # (connect, read) seconds
-
-__all__ = [
-    "APPLY_PATCH",
-    "MERGE_PATCH",
-    "Backoff",
-    "Informer",
-    "KubeApiError",
-    "KubeConfigError",
-    "KubeConflict",
-    "KubeError",
-    "KubeGone",
-    "KubeNotFound",
-    "KubeUnreachable",
-    "api_client",
-    "object_key",
-    "request",
-    "resource_path",
-]
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class KubeError(Exception):
-    """Any failure talking to the Kubernetes API."""
-
-    status: int | None = None
-    retry_after: float | None = None
-
-
-class KubeConfigError(KubeError):
-    """No usable kubeconfig / in-cluster configuration."""
-
-
-class KubeUnreachable(KubeError):
-    """Connection refused or reset, TLS failure, timeout: the API did not answer."""
-
-
-class KubeApiError(KubeError):
-    """The API answered with an HTTP error (its Status reason and message attached)."""
-
-    def __init__(
-        self, status: int, reason: str, message: str, retry_after: float | None = None
-    ) -> None:
-        super().__init__(f"{status} {reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.retry_after = retry_after
-
-
-class KubeGone(KubeApiError):
-    """410: the resourceVersion (or continue token) is too old; relist."""
-
-
-class KubeConflict(KubeApiError):
-    """409: resourceVersion conflict, or an apply conflict without force."""
-
-
-class KubeNotFound(KubeApiError):
-    """404."""
-
-
-def _api_error(status: int, body: Any, retry_after: float | None = None) -> KubeApiError:
-    reason, message = "", ""
-    if isinstance(body, Mapping):
-        reason = str(body.get("reason") or "")
-        message = str(body.get("message") or "")
-    cls = {410: KubeGone, 409: KubeConflict, 404: KubeNotFound}.get(status, KubeApiError)
-    return cls(status, reason or "Unknown", message or f"HTTP {status}", retry_after)
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
-# --------------------------------------------------------------------------- client
-
-
-async def api_client(kubeconfig: Path | None) -> ApiClient:
-    """An ApiClient from the kubeconfig file, else from the in-cluster service account."""
-    configuration = Configuration()
-    try:
-        if kubeconfig is not None:
-            await load_kube_config(
-                config_file=str(kubeconfig),
-                client_configuration=configuration,
-                persist_config=False,
-            )
-        else:
-            load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except (ConfigException, OSError, ValueError, KeyError, TypeError) as exc:
-        where = str(kubeconfig) if kubeconfig is not None else "in-cluster service account"
-        raise KubeConfigError(
-            f"cannot load Kubernetes client configuration ({where}): {exc}"
-        ) from exc
-    client = ApiClient(configuration=configuration)
-    client.user_agent = USER_AGENT
-    return client
-
-
-def resource_path(
-    resource: str,
-    *,
-    api_version: str = "v1",
-    namespace: str | None = None,
-    name: str | None = None,
-) -> str:
-    """REST path of a collection or an object; ``api_version`` is ``v1`` or ``group/version``."""
-    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    if namespace is not None:
-        base += f"/namespaces/{namespace}"
-    base += f"/{resource}"
-    if name is not None:
-        base += f"/{name}"
-    return base
-
-
-def object_key(obj: Mapping[str, Any]) -> str:
-    """Cache key: ``"ns/name"``, or ``"name"`` for a cluster-scoped object."""
-    meta = obj["metadata"]
-    ns = meta.get("namespace")
-    return f"{ns}/{meta['name']}" if ns else str(meta["name"])
-
-
-Query = Iterable[tuple[str, str]]
-
-
-async def _open(
-    api: ApiClient,
-    method: str,
-    path: str,
-    query: Query,
-    body: Any,
-    content_type: str | None,
-    limits: tuple[float, float],
-) -> aiohttp.ClientResponse:
-    headers = {"Accept": "application/json"}
-    if content_type is not None:
-        headers["Content-Type"] = content_type
-    try:
-        response: aiohttp.ClientResponse = await api.call_api(
-            path,
-            method,
-            query_params=list(query),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=aiohttp.ClientTimeout(
-                connect=limits[0], sock_connect=limits[0], sock_read=limits[1]
-            ),
-        )
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise KubeUnreachable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
-    return response
-
-
-async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
-    if response.status < 400:
-        return
-    raw = await response.read()
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        body = {"message": raw[:200].decode("utf-8", "replace")}
-    raise _api_error(response.status, body, _retry_after(response.headers.get("Retry-After")))
-
-
-async def request(
-    api: ApiClient,
-    method: str,
-    path: str,
-    *,
-    query: Query = (),
-    body: Any = None,
-    content_type: str | None = None,
-    request_timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-) -> Any:
-    """One JSON request; the parsed response body, or a KubeError."""
-    response = await _open(api, method, path, query, body, content_type, request_timeout)
-    try:
-        async with response:
-            await _raise_for_status(response)
-            raw = await response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise KubeUnreachable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise KubeApiError(response.status, "BadResponse", f"not JSON: {exc}") from exc
-
-
-# --------------------------------------------------------------------------- retry policy
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff with jitter: the one retry policy of the project.
-
-    The n-th delay (from 0) is ``min(maximum, initial * factor**n)`` reduced by up to ``jitter``
-    (a fraction) at random; a Retry-After from the server raises it (still capped).
-    """
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    factor: float = 2.0
-    jitter: float = 0.5
-    attempts: int = 0
-    rng: Callable[[], float] = field(default=random.random, repr=False)
-
-    def next(self, retry_after: float | None = None) -> float:
-        base = min(self.maximum, self.initial * self.factor ** min(self.attempts, 64))
-        self.attempts += 1
-        delay = base * (1.0 - self.jitter * self.rng())
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.maximum))
-        return delay
-
-    def reset(self) -> None:
-        self.attempts = 0
-
-    async def sleep(self, retry_after: float | None = None) -> float:
-        delay = self.next(retry_after)
-        await asyncio.sleep(delay)
-        return delay
-
-
-# --------------------------------------------------------------------------- informer
 
 
 class _CallbackFailed(Exception):
@@ -464,11 +215,11 @@ class Informer:
         if self.resource_version:
             query.append(("resourceVersion", self.resource_version))
         connect, _ = self.request_timeout
-        response = await _open(
+        response = await open_response(
             self.api, "GET", self._path, query, None, None, (connect, timeout_seconds + 30.0)
         )
         async with response:
-            await _raise_for_status(response)
+            await raise_for_status(response)
             self.backoff.reset()
             self.last_sync = time.time()
             async for line in response.content:
@@ -482,7 +233,7 @@ class Informer:
             raise KubeApiError(200, "BadResponse", f"watch event without object: {kind}")
         if kind == "ERROR":
             code = obj.get("code")
-            raise _api_error(code if isinstance(code, int) else 500, obj)
+            raise api_error(code if isinstance(code, int) else 500, obj)
         version = (obj.get("metadata") or {}).get("resourceVersion")
         self.last_sync = time.time()
         self._gone_streak = 0
