@@ -13,27 +13,70 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import signal
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from router import tlsfiles
+from router import logs, tlsfiles
 from router.config import RequestHeaderSettings, ServeConfig
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
 from router.proxy import IdentityHeaders, Proxy, ProxyServer
 from router.routes import RoutesError, RouteTable, Upstream, parse_routes_file
 from router.upstream import UpstreamClient
+from router.version import version
 
 logger = logging.getLogger(__name__)
 
 
 class StartupError(Exception):
     """The router cannot start with this configuration; the message says why."""
+
+
+class ExpiryWarnings:
+    """Certificates close to expiry: a gauge per certificate and one warning per expiry."""
+
+    def __init__(self, registry: CollectorRegistry, window: float) -> None:
+        self.window = window
+        self.expiring = Gauge(
+            "metrics_router_certificate_expiring_soon",
+            "1 when the certificate expires within --certificate-expiry-warning, else 0.",
+            ["certificate"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self._warned: dict[str, datetime] = {}
+
+    def check(self, name: str, not_after: datetime, now: datetime | None = None) -> bool:
+        left = (not_after - (now or datetime.now(UTC))).total_seconds()
+        soon = left < self.window
+        self.expiring.labels(name).set(1 if soon else 0)
+        if soon and self._warned.get(name) != not_after:
+            self._warned[name] = not_after
+            logger.warning(
+                "certificate expires soon",
+                extra=logs.fields(
+                    certificate=name,
+                    not_after=not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    hours_left=round(left / 3600, 1),
+                ),
+            )
+        return soon
+
+
+def _second_signal_exit(signum: int) -> None:
+    """A second SIGTERM/SIGINT during the shutdown delay or drain: exit now (kube-apiserver
+    does the same), without waiting for requests in flight."""
+    logger.warning("second signal: exiting at once", extra=logs.fields(signal=signum))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(1)
 
 
 class Router:
@@ -67,8 +110,15 @@ class Router:
         self._tasks: list[asyncio.Task[Any]] = []
         self._routes_digest: str | None = None
         self._synced: Callable[[], bool] = lambda: True
-        self._stopping = False
+        self._stopping = False  # stop() has begun
+        self._draining = False  # a signal came: /readyz fails, the port still serves
+        self._started = False
+        self._routes_errors = logs.ChangeLogger(logger)
+        self._tls_errors: dict[str, logs.ChangeLogger] = {}
+        self.expiry_warnings = ExpiryWarnings(self.registry, config.certificate_expiry_warning)
+        self.on_second_signal: Callable[[int], None] = _second_signal_exit
         self._api: Any = None
+        self._kube_source = ""
         self.port = 0
         self.metrics_port = 0
         self.default_upstream: Upstream | None = None
@@ -84,7 +134,7 @@ class Router:
 
     @property
     def ready(self) -> bool:
-        return not self._stopping and self._synced()
+        return not self._stopping and not self._draining and self._synced()
 
     async def start(self) -> None:
         cfg = self.config
@@ -149,12 +199,35 @@ class Router:
         if cfg.metrics_bind_address is not None:
             await self._start_metrics(cfg.metrics_bind_address)
         self._tasks.append(asyncio.create_task(self._watch_files(), name="watch-files"))
-        logger.info(
-            "serving port=%d metrics_port=%s routes=%s tenants=%d namespaces=%d",
-            self.port, self.metrics_port or "off",
-            "file" if cfg.routes_file else "cluster",
-            len(self.live.table.tenants), self.live.table.namespace_count,
-        )  # fmt: skip
+        self._started = True
+        logger.info("serving", extra=logs.fields(**self.startup_fields()))
+
+    def startup_fields(self) -> dict[str, Any]:
+        """What an operator checks first: version, addresses, trust sources, routes source."""
+        cfg = self.config
+        rh = self._requestheader
+        if rh.client_ca_file is not None:
+            requestheader_ca = f"file:{rh.client_ca_file}"
+        else:
+            requestheader_ca = "configmap:kube-system/extension-apiserver-authentication"
+        if cfg.routes_file is not None:
+            routes = f"file:{cfg.routes_file}"
+        else:
+            routes = f"cluster:{self._kube_source}"
+        return {
+            "port": self.port,
+            "metrics_port": self.metrics_port or "off",
+            "version": version(),
+            "address": f"{cfg.bind_address}:{self.port}",
+            "metrics_address": cfg.metrics_bind_address or "off",
+            "requestheader_ca": requestheader_ca,
+            "allowed_names": ",".join(rh.allowed_names) or "(any from the CA)",
+            "upstream_ca": f"file:{cfg.upstream_ca_file}" if cfg.upstream_ca_file else "system",
+            "routes": routes,
+            "tenants": len(self.live.table.tenants),
+            "namespaces": self.live.table.namespace_count,
+            "shutdown_delay": cfg.shutdown_delay_duration,
+        }
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, clean up."""
@@ -182,16 +255,41 @@ class Router:
             await self._metrics_runner.cleanup()
         if self._api is not None:
             await self._api.close()
-        logger.info("stopped")
+        if self._started:  # a failed start logs its error, not "stopped"
+            logger.info("stopped")
+
+    async def shutdown(self) -> None:
+        """Roll-out friendly stop: /readyz fails at once, the secure port keeps serving for
+        --shutdown-delay-duration (until every endpoint list has dropped this pod), then the
+        listener closes and requests in flight get --shutdown-grace-period."""
+        self._draining = True
+        delay = self.config.shutdown_delay_duration
+        logger.info(
+            "shutting down",
+            extra=logs.fields(delay=delay, grace=self.config.shutdown_grace_period),
+        )
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await self.stop()
 
     async def run_until_signalled(self) -> int:
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        signalled = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if signalled.is_set():
+                self.on_second_signal(signum)
+                return
+            signalled.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        logger.info("signal received: draining (grace %gs)", self.config.shutdown_grace_period)
-        await self.stop()
+            loop.add_signal_handler(sig, on_signal, int(sig))
+        try:
+            await signalled.wait()
+            await self.shutdown()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         return 0
 
     # ---- TLS --------------------------------------------------------------------------------
@@ -238,6 +336,7 @@ class Router:
                 continue
             for name, when in holder.expiry.items():
                 self.metrics.cert_expiry.labels(name).set(when.timestamp())
+                self.expiry_warnings.check(name, when)
 
     def set_requestheader(self, settings: RequestHeaderSettings) -> None:
         """New requestheader settings (from the ConfigMap): validate, then apply to new
@@ -274,8 +373,14 @@ class Router:
         except OSError as exc:
             if initial:
                 raise StartupError(f"--routes-file: cannot read {path}: {exc.strerror}") from exc
-            logger.error("routes file unreadable, keeping the last good table: %s", exc)
-            self.metrics.reloads.labels("routes", "failure").inc()
+            # Logged and counted when the error changes, not at every check.
+            if self._routes_errors.report(
+                "routes file unreadable, keeping the last good table",
+                file=str(path),
+                error=exc.strerror or str(exc),
+            ):
+                self.metrics.reloads.labels("routes", "failure").inc()
+            self._routes_digest = None  # the same file back is a change
             return False
         digest = hashlib.sha256(data).hexdigest()
         if digest == self._routes_digest:
@@ -287,30 +392,34 @@ class Router:
             errors = exc.errors if isinstance(exc, RoutesError) else [str(exc)]
             if initial:
                 raise StartupError(f"--routes-file {path}: " + "; ".join(errors)) from exc
-            logger.error(
-                "routes file %s refused, keeping the last good table: %s", path, "; ".join(errors)
+            self._routes_errors.report(
+                "routes file refused, keeping the last good table",
+                file=str(path),
+                error="; ".join(errors),
             )
             self.metrics.reloads.labels("routes", "failure").inc()
             return False
+        self._routes_errors.clear("routes file readable again", file=str(path))
         self._routes_digest = digest
         self.live.swap(table, f"file:{path}")
         if not initial:
             self.metrics.reloads.labels("routes", "success").inc()
             logger.info(
-                "routes reloaded tenants=%d namespaces=%d",
-                len(table.tenants),
-                table.namespace_count,
+                "routes reloaded",
+                extra=logs.fields(tenants=len(table.tenants), namespaces=table.namespace_count),
             )
         return True
 
     async def _start_cluster(self) -> None:
-        from router import kube, reconciler  # cluster code loads only when used
+        from router import kube, kubeconfig, reconciler  # cluster code loads only when used
 
         cfg = self.config
         try:
             self._api = await kube.api_client(cfg.kubeconfig)
         except Exception as exc:
-            raise StartupError(f"cannot load Kubernetes client configuration: {exc}") from exc
+            raise StartupError(str(exc)) from exc
+        choice, _ = kubeconfig.choose(cfg.kubeconfig, os.environ, _home())
+        self._kube_source = choice.describe() if choice is not None else "unknown"
         sync = None
         if self._policy_settings is not None:
             from router.policy_sync import PolicySync
@@ -378,11 +487,19 @@ class Router:
             try:
                 holder.reload()
             except tlsfiles.TLSFileError as exc:
-                self.metrics.reloads.labels(holder.name, "failure").inc()
-                logger.error("%s refused, keeping the last good: %s", holder.name, exc)
+                # The bad file is re-checked at every pass: log and count it when it changes.
+                errors = self._tls_errors.setdefault(holder.name, logs.ChangeLogger(logger))
+                if errors.report(
+                    f"{holder.name} refused, keeping the last good",
+                    source=holder.name,
+                    error=str(exc),
+                ):
+                    self.metrics.reloads.labels(holder.name, "failure").inc()
                 continue
+            if holder.name in self._tls_errors:
+                self._tls_errors[holder.name].clear()
             self.metrics.reloads.labels(holder.name, "success").inc()
-            logger.info("%s reloaded", holder.name)
+            logger.info("%s reloaded", holder.name, extra=logs.fields(source=holder.name))
             self._export_expiry()
 
     # ---- metrics port -----------------------------------------------------------------------
@@ -418,3 +535,10 @@ class Router:
         if request.path == "/readyz" and not self.ready:
             return web.Response(status=503, text="not ready\n")
         return web.Response(text="ok\n")
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home()
+    except RuntimeError:
+        return None

@@ -251,13 +251,16 @@ def issue_cert(
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
     key: ec.EllipticCurvePrivateKey | None = None,
+    extended_key_usages: Sequence[x509.ObjectIdentifier] | None = None,
 ) -> CertAndKey:
     """A leaf certificate signed by ca, with serverAuth and/or clientAuth EKU.
 
     Each call gets a new random serial (and a new key unless one is given), so issuing twice
-    gives a "rotated" certificate.
+    gives a "rotated" certificate. Negative tests pass ``not_before``/``not_after`` for an
+    expired or not-yet-valid certificate, and ``extended_key_usages`` for a certificate with
+    other usages than ``server``/``client`` ask for (e.g. ``[CODE_SIGNING]``).
     """
-    if not (server or client):
+    if not (server or client or extended_key_usages):
         raise ValueError("issue_cert: ask for server=True and/or client=True")
     key = key if key is not None else _new_key()
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
@@ -268,6 +271,8 @@ def issue_cert(
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     if client:
         usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    if extended_key_usages is not None:
+        usages = list(extended_key_usages)
     ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
         x509.CertificateBuilder()

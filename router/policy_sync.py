@@ -42,7 +42,6 @@ import ipaddress
 import logging
 import math
 import os
-import re
 import socket
 import time
 import uuid
@@ -76,6 +75,7 @@ from router.manifests import (
     root_namespace_of,
     tenant_networks,
 )
+from router.options import parse_duration
 from router.routes import RouteTable
 from router.tenancy import NamespaceInfo, Resolution, ServiceInfo, resolve
 
@@ -116,23 +116,6 @@ class PolicySyncSettings:
     leader_election: LeaderElectionSettings = field(default_factory=LeaderElectionSettings)
     backoff_initial: float = 1.0
     backoff_maximum: float = 60.0
-
-
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from "90", "90s", "5m", "1h30m", "1.5s" (Go duration style, h/m/s units)."""
-    value = text.strip()
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    m = _DURATION.match(value)
-    if not value or m is None or not any(m.groups()):
-        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 5m, 1h)")
-    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + s
 
 
 def _bool(text: str) -> bool:
