@@ -115,5 +115,5 @@ def test_contexts_validate_before_loading(pki: Pki) -> None:
     serving_key = pki.router_serving_key.read_bytes()
     with pytest.raises(TLSFileError, match="requestheader client CA: CN=front-proxy-client is not"):
         tlsfiles.server_context(serving, serving_key, pki.front_proxy_client_cert.read_bytes())
-    with pytest.raises(TLSFileError, match="proxy client certificate: .* lacks the extended key"):
+    with pytest.raises(TLSFileError, match=r"proxy client certificate: .* lacks the extended key"):
         tlsfiles.client_context(serving, serving_key, None)
