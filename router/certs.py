@@ -17,7 +17,8 @@ Files written by :func:`generate_pki` (``*.key`` mode 0600, ``*.crt`` mode 0644)
                                     servers trust it via --requestheader-client-ca-file
     router-client.crt/.key          CN metrics-router, clientAuth, signed by router-client-ca
     upstream-ca.crt/.key            CA of the tenants' KEDA metrics server serving certificates
-    upstream-<T>.crt/.key           per tenant T: serverAuth, signed by upstream-ca; SANs
+    upstream-<T>.crt/.key           per tenant T (default tenant-a, tenant-b, tenant-c; names are
+                                    used as given): serverAuth, signed by upstream-ca; SANs
                                     127.0.0.1, localhost,
                                     keda-operator-metrics-apiserver.<T>--sys.svc[.cluster.local]
     rogue-ca.crt/.key               an unrelated CA (negative tests, demo)
@@ -50,7 +51,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TENANTS: tuple[str, ...] = ("a", "b", "c")
+# Tenants are named after their root namespace (tenant-a), as the default --tenant-pattern and
+# the hnc strategy name them; the tenant's KEDA runs in "<tenant>--sys".
+DEFAULT_TENANTS: tuple[str, ...] = ("tenant-a", "tenant-b", "tenant-c")
 DEFAULT_DAYS = 365
 KEY_MODE = 0o600
 CERT_MODE = 0o644

@@ -34,11 +34,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, but not for flags without one (None, False) or that say it already."""
+    """Shows defaults, but not for flags without one (None, False)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        if action.default in (None, False, argparse.SUPPRESS):
             return text
         return super()._get_help_string(action) or text
 
@@ -108,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(run_command(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `metrics-router ... | head`
+        sys.stderr.close()
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,10 +33,12 @@ HPA_USER = "system:serviceaccount:kube-system:horizontal-pod-autoscaler"
 HPA_GROUPS = ("system:serviceaccounts", "system:authenticated")
 METRIC = "s0-prometheus"
 SELECTOR = "labelSelector=scaledobject.keda.sh%2Fname%3Dapp-scaler"
+# Each tenant is named after its root namespace (the default --tenant-pattern and the hnc
+# strategy name tenants so); its KEDA would run in "<tenant>--sys".
 TENANTS = {
-    "a": (("tenant-a", "tenant-a--dev"), "42"),
-    "b": (("tenant-b",), "7"),
-    "c": (("tenant-c", "tenant-c--ml"), "1500m"),
+    "tenant-a": (("tenant-a", "tenant-a--dev"), "42"),
+    "tenant-b": (("tenant-b",), "7"),
+    "tenant-c": (("tenant-c", "tenant-c--ml"), "1500m"),
 }
 OK, FAIL = "\u2713", "\u2717"
 
@@ -228,7 +230,7 @@ class Demo:
             print(f"  {mark} upstream requests during these refusals: {after - before}")
 
             step("Live change: tenant-b--new is added to the routes file")
-            self._write_routes(routes, extra={"b": ("tenant-b--new",)})
+            self._write_routes(routes, extra={"tenant-b": ("tenant-b--new",)})
             t0 = time.monotonic()
             status = 0
             while time.monotonic() - t0 < 10:
@@ -239,12 +241,12 @@ class Demo:
             mark = self.checks.check(status == 200, "new namespace routable")
             print(f"  {mark} routable after {time.monotonic() - t0:.2f}s (file checked every 0.2s)")
 
-            step("Tenant outage: tenant c's metrics server stops")
-            await self.stubs["c"].stop()
+            step("Tenant outage: tenant-c's metrics server stops")
+            await self.stubs["tenant-c"].stop()
             rows = []
             for ns, want in (("tenant-c", 503), ("tenant-a", 200), ("tenant-b", 200)):
                 r = await self._get(http, base + metric_path(ns), agg)
-                mark = self.checks.check(r.status == want, f"{ns} during c's outage")
+                mark = self.checks.check(r.status == want, f"{ns} during tenant-c's outage")
                 rows.append([mark, ns, str(r.status), r.reason])
             print(table(["", "namespace", "HTTP", "reason"], rows))
 
@@ -255,7 +257,7 @@ class Demo:
             lines = [ln for ln in text.splitlines() if ln.startswith(wanted)]
             for ln in lines:
                 print("  " + ln)
-            self.checks.check(any('tenant="c"' in ln for ln in lines), "per-tenant metrics")
+            self.checks.check(any('tenant="tenant-c"' in ln for ln in lines), "per-tenant metrics")
 
             if self.keep_running:
                 self._print_try_it(pki, port, metrics_port)
