@@ -27,9 +27,12 @@ def _leaf(ca: CertAndKey, **kwargs: object) -> CertAndKey:
 
 def test_good_serving_pair_passes(ca: CertAndKey) -> None:
     leaf = _leaf(ca)
-    assert tlsfiles.validate_leaf(
-        leaf.cert_pem(), leaf.key_pem(), "serving certificate", tlsfiles.SERVER_AUTH
-    ) == leaf.cert
+    assert (
+        tlsfiles.validate_leaf(
+            leaf.cert_pem(), leaf.key_pem(), "serving certificate", tlsfiles.SERVER_AUTH
+        )
+        == leaf.cert
+    )
 
 
 @pytest.mark.parametrize(
