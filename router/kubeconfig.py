@@ -120,7 +120,9 @@ async def load(
                 client_configuration=configuration,
                 persist_config=False,
             )
-    except (ConfigException, OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # ConfigException, OSError, YAML errors...: a message, not a trace
+        if not isinstance(exc, ConfigException):
+            exc = ValueError(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
         raise LoadError(
             f"cannot load Kubernetes client configuration from {choice.describe()}: {exc} "
             f"({NO_CLUSTER_HINT})"
