@@ -27,6 +27,7 @@ from router import logs, tlsfiles
 from router.config import RequestHeaderSettings, ServeConfig
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
+from router.options import parse_host_port
 from router.proxy import IdentityHeaders, Proxy, ProxyServer
 from router.routes import RoutesError, RouteTable, Upstream, parse_routes_file
 from router.upstream import UpstreamClient
@@ -500,12 +501,15 @@ class Router:
                 self._tls_errors[holder.name].clear()
             self.metrics.reloads.labels(holder.name, "success").inc()
             logger.info("%s reloaded", holder.name, extra=logs.fields(source=holder.name))
-            self._export_expiry()
+        # Also without a reload: a certificate in force drifts into the warning window.
+        self._export_expiry()
 
     # ---- metrics port -----------------------------------------------------------------------
 
     async def _start_metrics(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
+        parsed = parse_host_port(address)
+        assert parsed is not None  # "0" (disabled) never gets here
+        host, port = parsed
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_get("/routes", self._routes_handler)
@@ -513,7 +517,7 @@ class Router:
             app.router.add_get(path, self._health_handler)
         self._metrics_runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._metrics_runner.setup()
-        site = web.TCPSite(self._metrics_runner, host.strip("[]") or None, int(port))
+        site = web.TCPSite(self._metrics_runner, host or None, port)
         try:
             await site.start()
         except OSError as exc:

@@ -229,13 +229,17 @@ async def main(config: ReloaderConfig) -> int:
                 )
             except OSError as exc:
                 logger.error(
-                    "cannot listen health_bind_address=%s:%d error=%s",
-                    config.health_host,
-                    config.health_port,
-                    exc,
+                    "cannot listen",
+                    extra=logs.fields(
+                        health_bind_address=f"{config.health_host}:{config.health_port}",
+                        error=exc.strerror or str(exc),
+                    ),
                 )
                 return 1
-            logger.info("health and metrics listening address=%s:%d", config.health_host, port)
+            logger.info(
+                "health and metrics listening",
+                extra=logs.fields(address=f"{config.health_host}:{port}"),
+            )
         watch = asyncio.create_task(source.run())
         watch.add_done_callback(source_done)
         try:

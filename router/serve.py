@@ -167,7 +167,9 @@ def supervise(config: ServeConfig) -> int:
     ]
     for w in workers:
         w.start()
-    logger.info("supervising workers=%d pids=%s", len(workers), [w.pid for w in workers])
+    logger.info(
+        "supervising", extra=logs.fields(workers=len(workers), pids=[w.pid for w in workers])
+    )
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -191,7 +193,10 @@ def supervise(config: ServeConfig) -> int:
                     multiprocess.mark_process_dead(w.pid, multiproc_dir)  # type: ignore[no-untyped-call]
                 exit_code = w.exitcode or 0
                 if not stopping:
-                    logger.error("worker %s exited with %s: stopping the others", w.name, exit_code)
+                    logger.error(
+                        "worker exited: stopping the others",
+                        extra=logs.fields(worker=w.name, code=exit_code),
+                    )
                     code = exit_code if exit_code > 0 else 1
                     forward(signal.SIGTERM, None)
     finally:
