@@ -118,6 +118,7 @@ class Router:
         self._tls_errors: dict[str, logs.ChangeLogger] = {}
         self.expiry_warnings = ExpiryWarnings(self.registry, config.certificate_expiry_warning)
         self.on_second_signal: Callable[[int], None] = _second_signal_exit
+        self._signalled: asyncio.Event | None = None
         self._api: Any = None
         self._kube_source = ""
         self.port = 0
@@ -273,9 +274,13 @@ class Router:
             await asyncio.sleep(delay)
         await self.stop()
 
-    async def run_until_signalled(self) -> int:
-        loop = asyncio.get_running_loop()
-        signalled = asyncio.Event()
+    def handle_signals(self) -> None:
+        """Take SIGTERM/SIGINT from now on (call before start(): a signal that arrives while
+        starting is honoured once started, not fatal): the first begins shutdown(), a second
+        exits at once."""
+        if self._signalled is not None:
+            return
+        signalled = self._signalled = asyncio.Event()
 
         def on_signal(signum: int) -> None:
             if signalled.is_set():
@@ -283,12 +288,18 @@ class Router:
                 return
             signalled.set()
 
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, int(sig))
+
+    async def run_until_signalled(self) -> int:
+        self.handle_signals()
+        assert self._signalled is not None
         try:
-            await signalled.wait()
+            await self._signalled.wait()
             await self.shutdown()
         finally:
+            loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         return 0

@@ -64,6 +64,7 @@ async def serve(
         router = Router(
             config, reuse_port=reuse_port, metrics_registry_view=metrics_view, policy=policy
         )
+        router.handle_signals()
         await router.start()
     except Exception as exc:  # never a traceback at start-up, whatever the input
         if isinstance(exc, StartupError):
