@@ -49,6 +49,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from router.logs import fields
+
 logger = logging.getLogger(__name__)
 
 # Tenants are named after their root namespace (tenant-a), as the default --tenant-pattern and
@@ -520,7 +522,7 @@ def generate_pki(
         upstreams=upstreams,
     )
     write_file(pki.secrets_yaml, yaml.safe_dump_all(docs, sort_keys=False).encode(), KEY_MODE)
-    logger.info("pki generated directory=%s tenants=%s", pki.directory, ",".join(pki.tenants))
+    logger.info("pki generated", extra=fields(directory=str(pki.directory), tenants=pki.tenants))
     return pki
 
 
