@@ -27,7 +27,7 @@ from router import logs, tlsfiles
 from router.config import RequestHeaderSettings, ServeConfig
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
-from router.options import parse_host_port
+from router.options import format_duration, parse_host_port
 from router.proxy import IdentityHeaders, Proxy, ProxyServer
 from router.routes import RoutesError, RouteTable, Upstream, parse_routes_file
 from router.upstream import UpstreamClient
@@ -228,7 +228,7 @@ class Router:
             "routes": routes,
             "tenants": len(self.live.table.tenants),
             "namespaces": self.live.table.namespace_count,
-            "shutdown_delay": cfg.shutdown_delay_duration,
+            "shutdown_delay": format_duration(cfg.shutdown_delay_duration),
         }
 
     async def stop(self) -> None:
@@ -268,7 +268,10 @@ class Router:
         delay = self.config.shutdown_delay_duration
         logger.info(
             "shutting down",
-            extra=logs.fields(delay=delay, grace=self.config.shutdown_grace_period),
+            extra=logs.fields(
+                delay=format_duration(delay),
+                grace=format_duration(self.config.shutdown_grace_period),
+            ),
         )
         if delay > 0:
             await asyncio.sleep(delay)
