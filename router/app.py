@@ -364,13 +364,15 @@ class Router:
             except (tlsfiles.TLSFileError, StartupError) as exc:
                 self._requestheader = old
                 self.metrics.reloads.labels("requestheader", "failure").inc()
-                logger.error("requestheader settings refused, keeping the last good: %s", exc)
+                logger.error(
+                    "requestheader settings refused, keeping the last good",
+                    extra=logs.fields(source="configmap", error=str(exc)),
+                )
                 return
         self._identity = IdentityHeaders.from_settings(settings)
         self.metrics.reloads.labels("requestheader", "success").inc()
-        logger.info(
-            "requestheader settings applied allowed_names=%s", ",".join(settings.allowed_names)
-        )
+        names = ",".join(settings.allowed_names) or "(any from the CA)"
+        logger.info("requestheader settings applied", extra=logs.fields(allowed_names=names))
 
     # ---- routes -----------------------------------------------------------------------------
 
