@@ -301,3 +301,23 @@ async def test_certificate_close_to_expiry_warns_and_sets_a_metric(
     h.router.check_files()
     assert await h.sample(expiring, {"certificate": "serving"}) == 0
     await _serving_ok(h)
+
+
+async def test_leaf_as_requestheader_ca_from_the_configmap_is_refused(
+    start_router: StartRouter, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    from router.config import RequestHeaderSettings
+
+    h = await start_router({"a": ["tenant-a"], "b": ["tenant-b"]})
+    leaf = RequestHeaderSettings(client_ca_pem=pki.front_proxy_client_cert.read_bytes())
+    with caplog.at_level(logging.INFO, logger="router"):
+        h.router.set_requestheader(leaf)
+    (record,) = [r for r in caplog.records if "requestheader settings refused" in r.getMessage()]
+    assert "CN=front-proxy-client is not a CA certificate" in record.fields["error"]  # type: ignore[attr-defined]
+    assert (
+        await h.sample(
+            "metrics_router_reloads_total", {"source": "requestheader", "result": "failure"}
+        )
+        == 1
+    )
+    await _serving_ok(h)
