@@ -98,6 +98,28 @@ def test_workers_refuse_a_port_another_process_holds(pki: Pki, tmp_path: Path) -
     assert "supervising" not in proc.stderr  # no worker was started
 
 
+async def test_workers_serve_a_free_port_and_stop_on_sigterm(
+    pki: Pki, tmp_path: Path, stub: KedaStub
+) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(routes_yaml({"a": (["tenant-a"], stub.url, None)}))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [*base_args(pki, routes), "--workers", "2"]
+    args[args.index("--secure-port") + 1] = str(port)
+    async with running_router(args) as r:
+        assert r.port == port
+        conn = await RawConnection.open(port, client_ssl_context(pki))
+        try:
+            assert (await conn.request(metric_path("tenant-a"), HPA_IDENTITY)).status == 200
+        finally:
+            await conn.close()
+        r.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(r.proc.wait(), 30)
+    assert code == 0, "".join(r.log)
+
+
 # --------------------------------------------------------------------------- logs
 
 
