@@ -92,8 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--restart-backoff-max",
         default="1m",
-        help="cap of the restart delay; a child that stayed up twice this long resets it "
-        "(default %(default)s)",
+        help="cap of the restart delay; a child that stayed up twice this long resets it",
     )
     g = parser.add_argument_group("operation")
     g.add_argument(
