@@ -71,6 +71,25 @@ class ExpiryWarnings:
         return soon
 
 
+class ReloadState:
+    """Whether the last attempt to load each source succeeded: a bad file stays bad without
+    new failures being counted (they are counted once per distinct error), so alerts read
+    this gauge rather than the failure counter's increase."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ok = Gauge(
+            "metrics_router_last_reload_successful",
+            "1 when the last load of the source (serving, proxy-client, routes, requestheader) "
+            "succeeded, 0 while the router serves with the last good version.",
+            ["source"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+
+    def set(self, source: str, ok: bool) -> None:
+        self.ok.labels(source).set(1 if ok else 0)
+
+
 def _second_signal_exit(signum: int) -> None:
     """A second SIGTERM/SIGINT during the shutdown delay or drain: exit now (kube-apiserver
     does the same), without waiting for requests in flight."""
@@ -117,6 +136,7 @@ class Router:
         self._routes_errors = logs.ChangeLogger(logger)
         self._tls_errors: dict[str, logs.ChangeLogger] = {}
         self.expiry_warnings = ExpiryWarnings(self.registry, config.certificate_expiry_warning)
+        self.reload_state = ReloadState(self.registry)
         self.on_second_signal: Callable[[int], None] = _second_signal_exit
         self._signalled: asyncio.Event | None = None
         self._api: Any = None
@@ -165,6 +185,8 @@ class Router:
         except tlsfiles.TLSFileError as exc:
             raise StartupError(str(exc)) from exc
         self._export_expiry()
+        for source in ("serving", "proxy-client", "routes" if cfg.routes_file else "requestheader"):
+            self.reload_state.set(source, True)
 
         client_tls = self._client_tls
         self._client = UpstreamClient(
@@ -364,6 +386,7 @@ class Router:
             except (tlsfiles.TLSFileError, StartupError) as exc:
                 self._requestheader = old
                 self.metrics.reloads.labels("requestheader", "failure").inc()
+                self.reload_state.set("requestheader", False)
                 logger.error(
                     "requestheader settings refused, keeping the last good",
                     extra=logs.fields(source="configmap", error=str(exc)),
@@ -371,6 +394,7 @@ class Router:
                 return
         self._identity = IdentityHeaders.from_settings(settings)
         self.metrics.reloads.labels("requestheader", "success").inc()
+        self.reload_state.set("requestheader", True)
         names = ",".join(settings.allowed_names) or "(any from the CA)"
         logger.info("requestheader settings applied", extra=logs.fields(allowed_names=names))
 
@@ -397,6 +421,7 @@ class Router:
                 error=exc.strerror or str(exc),
             ):
                 self.metrics.reloads.labels("routes", "failure").inc()
+            self.reload_state.set("routes", False)
             self._routes_digest = None  # the same file back is a change
             return False
         digest = hashlib.sha256(data).hexdigest()
@@ -415,8 +440,10 @@ class Router:
                 error="; ".join(errors),
             )
             self.metrics.reloads.labels("routes", "failure").inc()
+            self.reload_state.set("routes", False)
             return False
         self._routes_errors.clear("routes file readable again", file=str(path))
+        self.reload_state.set("routes", True)
         self._routes_digest = digest
         self.live.swap(table, f"file:{path}")
         if not initial:
@@ -512,10 +539,12 @@ class Router:
                     error=str(exc),
                 ):
                     self.metrics.reloads.labels(holder.name, "failure").inc()
+                self.reload_state.set(holder.name, False)
                 continue
             if holder.name in self._tls_errors:
                 self._tls_errors[holder.name].clear()
             self.metrics.reloads.labels(holder.name, "success").inc()
+            self.reload_state.set(holder.name, True)
             logger.info("%s reloaded", holder.name, extra=logs.fields(source=holder.name))
         # Also without a reload: a certificate in force drifts into the warning window.
         self._export_expiry()

@@ -31,6 +31,8 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 
+RELOADS = "metrics_router_reloads_total"
+LAST_OK = "metrics_router_last_reload_successful"
 NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)
 EXPIRED = {"not_before": NOW - 30 * DAY, "not_after": NOW - DAY}
@@ -234,9 +236,8 @@ async def test_bad_certificate_file_on_reload_keeps_the_last_good(
     refused = [r for r in caplog.records if "refused, keeping the last good" in r.getMessage()]
     assert len(refused) == 1
     assert fragment in refused[0].fields["error"]  # type: ignore[attr-defined]
-    assert (
-        await h.sample("metrics_router_reloads_total", {"source": source, "result": "failure"}) == 1
-    )
+    assert await h.sample(RELOADS, {"source": source, "result": "failure"}) == 1
+    assert await h.sample(LAST_OK, {"source": source}) == 0
     await _serving_ok(h)  # the last good certificates are still in force
 
 
@@ -267,13 +268,12 @@ async def test_missing_routes_file_is_logged_once_not_every_check(
         ]
         assert errors[0].fields["error"] == "No such file or directory"  # type: ignore[attr-defined]
         await _serving_ok(h)
+        assert await h.sample(LAST_OK, {"source": "routes"}) == 0
         h.routes_file.write_text(good)
         h.router.check_files()
         assert "routes file readable again" in caplog.text
-    assert (
-        await h.sample("metrics_router_reloads_total", {"source": "routes", "result": "failure"})
-        == 1
-    )
+    assert await h.sample(RELOADS, {"source": "routes", "result": "failure"}) == 1
+    assert await h.sample(LAST_OK, {"source": "routes"}) == 1
 
 
 # --------------------------------------------------------------------------- near expiry
@@ -314,10 +314,6 @@ async def test_leaf_as_requestheader_ca_from_the_configmap_is_refused(
         h.router.set_requestheader(leaf)
     (record,) = [r for r in caplog.records if "requestheader settings refused" in r.getMessage()]
     assert "CN=front-proxy-client is not a CA certificate" in record.fields["error"]  # type: ignore[attr-defined]
-    assert (
-        await h.sample(
-            "metrics_router_reloads_total", {"source": "requestheader", "result": "failure"}
-        )
-        == 1
-    )
+    assert await h.sample(RELOADS, {"source": "requestheader", "result": "failure"}) == 1
+    assert await h.sample(LAST_OK, {"source": "requestheader"}) == 0
     await _serving_ok(h)

@@ -57,6 +57,7 @@ def registered_metrics() -> tuple[frozenset[str], frozenset[str]]:
     """(every sample name family, histogram families) that the code registers."""
     from prometheus_client import CollectorRegistry
 
+    from router.app import ExpiryWarnings, ReloadState
     from router.metrics import ProxyMetrics
     from router.policy_sync import PolicyMetrics
     from router.reconciler import cluster_metrics
@@ -67,6 +68,8 @@ def registered_metrics() -> tuple[frozenset[str], frozenset[str]]:
     cluster_metrics(registry)
     PolicyMetrics(registry)
     ReloaderMetrics(registry)
+    ExpiryWarnings(registry, 0)
+    ReloadState(registry)
     names: set[str] = set()
     histograms: set[str] = set()
     for family in registry.collect():
