@@ -320,3 +320,25 @@ async def test_no_kubeconfig_error_names_what_was_tried(
     monkeypatch.setenv("KUBECONFIG", str(bad))
     with pytest.raises(kube.KubeConfigError, match=f"from \\$KUBECONFIG {bad}: "):
         await kube.api_client(None)
+
+
+async def test_in_cluster_service_account_reaches_the_api(fake: FakeKube, tmp_path: Path) -> None:
+    from kubernetes_asyncio.client import ApiClient, Configuration
+
+    fake.add_namespace("tenant-a")
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text(fake.token)
+    (sa / "ca.crt").write_bytes(fake.ca_pem)
+    environ = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(fake.port)}
+    configuration = Configuration()
+    choice = await kubeconfig.load(
+        configuration, None, environ=environ, home=tmp_path, service_account_dir=sa
+    )
+    assert choice.describe() == "in-cluster service account"
+    client = ApiClient(configuration=configuration)
+    try:
+        listed = await kube.request(client, "GET", kube.resource_path("namespaces"))
+    finally:
+        await client.close()
+    assert [n["metadata"]["name"] for n in listed["items"]] == ["tenant-a"]
