@@ -13,27 +13,90 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import signal
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from router import tlsfiles
+from router import logs, tlsfiles
 from router.config import RequestHeaderSettings, ServeConfig
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
+from router.options import format_duration, parse_host_port
 from router.proxy import IdentityHeaders, Proxy, ProxyServer
 from router.routes import RoutesError, RouteTable, Upstream, parse_routes_file
 from router.upstream import UpstreamClient
+from router.version import version
 
 logger = logging.getLogger(__name__)
 
 
 class StartupError(Exception):
     """The router cannot start with this configuration; the message says why."""
+
+
+class ExpiryWarnings:
+    """Certificates close to expiry: a gauge per certificate and one warning per expiry."""
+
+    def __init__(self, registry: CollectorRegistry, window: float) -> None:
+        self.window = window
+        self.expiring = Gauge(
+            "metrics_router_certificate_expiring_soon",
+            "1 when the certificate expires within --certificate-expiry-warning, else 0.",
+            ["certificate"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self._warned: dict[str, datetime] = {}
+
+    def check(self, name: str, not_after: datetime, now: datetime | None = None) -> bool:
+        left = (not_after - (now or datetime.now(UTC))).total_seconds()
+        soon = left < self.window
+        self.expiring.labels(name).set(1 if soon else 0)
+        if soon and self._warned.get(name) != not_after:
+            self._warned[name] = not_after
+            logger.warning(
+                "certificate expires soon",
+                extra=logs.fields(
+                    certificate=name,
+                    not_after=not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    hours_left=round(left / 3600, 1),
+                ),
+            )
+        return soon
+
+
+class ReloadState:
+    """Whether the last attempt to load each source succeeded: a bad file stays bad without
+    new failures being counted (they are counted once per distinct error), so alerts read
+    this gauge rather than the failure counter's increase."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ok = Gauge(
+            "metrics_router_last_reload_successful",
+            "1 when the last load of the source (serving, proxy-client, routes, requestheader) "
+            "succeeded, 0 while the router serves with the last good version.",
+            ["source"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+
+    def set(self, source: str, ok: bool) -> None:
+        self.ok.labels(source).set(1 if ok else 0)
+
+
+def _second_signal_exit(signum: int) -> None:
+    """A second SIGTERM/SIGINT during the shutdown delay or drain: exit now (kube-apiserver
+    does the same), without waiting for requests in flight."""
+    logger.warning("second signal: exiting at once", extra=logs.fields(signal=signum))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(1)
 
 
 class Router:
@@ -67,8 +130,17 @@ class Router:
         self._tasks: list[asyncio.Task[Any]] = []
         self._routes_digest: str | None = None
         self._synced: Callable[[], bool] = lambda: True
-        self._stopping = False
+        self._stopping = False  # stop() has begun
+        self._draining = False  # a signal came: /readyz fails, the port still serves
+        self._started = False
+        self._routes_errors = logs.ChangeLogger(logger)
+        self._tls_errors: dict[str, logs.ChangeLogger] = {}
+        self.expiry_warnings = ExpiryWarnings(self.registry, config.certificate_expiry_warning)
+        self.reload_state = ReloadState(self.registry)
+        self.on_second_signal: Callable[[int], None] = _second_signal_exit
+        self._signalled: asyncio.Event | None = None
         self._api: Any = None
+        self._kube_source = ""
         self.port = 0
         self.metrics_port = 0
         self.default_upstream: Upstream | None = None
@@ -84,7 +156,7 @@ class Router:
 
     @property
     def ready(self) -> bool:
-        return not self._stopping and self._synced()
+        return not self._stopping and not self._draining and self._synced()
 
     async def start(self) -> None:
         cfg = self.config
@@ -113,6 +185,8 @@ class Router:
         except tlsfiles.TLSFileError as exc:
             raise StartupError(str(exc)) from exc
         self._export_expiry()
+        for source in ("serving", "proxy-client", "routes" if cfg.routes_file else "requestheader"):
+            self.reload_state.set(source, True)
 
         client_tls = self._client_tls
         self._client = UpstreamClient(
@@ -150,12 +224,35 @@ class Router:
         if cfg.metrics_bind_address is not None:
             await self._start_metrics(cfg.metrics_bind_address)
         self._tasks.append(asyncio.create_task(self._watch_files(), name="watch-files"))
-        logger.info(
-            "serving port=%d metrics_port=%s routes=%s tenants=%d namespaces=%d",
-            self.port, self.metrics_port or "off",
-            "file" if cfg.routes_file else "cluster",
-            len(self.live.table.tenants), self.live.table.namespace_count,
-        )  # fmt: skip
+        self._started = True
+        logger.info("serving", extra=logs.fields(**self.startup_fields()))
+
+    def startup_fields(self) -> dict[str, Any]:
+        """What an operator checks first: version, addresses, trust sources, routes source."""
+        cfg = self.config
+        rh = self._requestheader
+        if rh.client_ca_file is not None:
+            requestheader_ca = f"file:{rh.client_ca_file}"
+        else:
+            requestheader_ca = "configmap:kube-system/extension-apiserver-authentication"
+        if cfg.routes_file is not None:
+            routes = f"file:{cfg.routes_file}"
+        else:
+            routes = f"cluster:{self._kube_source}"
+        return {
+            "port": self.port,
+            "metrics_port": self.metrics_port or "off",
+            "version": version(),
+            "address": f"{cfg.bind_address}:{self.port}",
+            "metrics_address": cfg.metrics_bind_address or "off",
+            "requestheader_ca": requestheader_ca,
+            "allowed_names": ",".join(rh.allowed_names) or "(any from the CA)",
+            "upstream_ca": f"file:{cfg.upstream_ca_file}" if cfg.upstream_ca_file else "system",
+            "routes": routes,
+            "tenants": len(self.live.table.tenants),
+            "namespaces": self.live.table.namespace_count,
+            "shutdown_delay": format_duration(cfg.shutdown_delay_duration),
+        }
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, clean up."""
@@ -183,16 +280,54 @@ class Router:
             await self._metrics_runner.cleanup()
         if self._api is not None:
             await self._api.close()
-        logger.info("stopped")
+        if self._started:  # a failed start logs its error, not "stopped"
+            logger.info("stopped")
+
+    async def shutdown(self) -> None:
+        """Roll-out friendly stop: /readyz fails at once, the secure port keeps serving for
+        --shutdown-delay-duration (until every endpoint list has dropped this pod), then the
+        listener closes and requests in flight get --shutdown-grace-period."""
+        self._draining = True
+        delay = self.config.shutdown_delay_duration
+        logger.info(
+            "shutting down",
+            extra=logs.fields(
+                delay=format_duration(delay),
+                grace=format_duration(self.config.shutdown_grace_period),
+            ),
+        )
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await self.stop()
+
+    def handle_signals(self) -> None:
+        """Take SIGTERM/SIGINT from now on (call before start(): a signal that arrives while
+        starting is honoured once started, not fatal): the first begins shutdown(), a second
+        exits at once."""
+        if self._signalled is not None:
+            return
+        signalled = self._signalled = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if signalled.is_set():
+                self.on_second_signal(signum)
+                return
+            signalled.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, int(sig))
 
     async def run_until_signalled(self) -> int:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        logger.info("signal received: draining (grace %gs)", self.config.shutdown_grace_period)
-        await self.stop()
+        self.handle_signals()
+        assert self._signalled is not None
+        try:
+            await self._signalled.wait()
+            await self.shutdown()
+        finally:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         return 0
 
     # ---- TLS --------------------------------------------------------------------------------
@@ -239,6 +374,7 @@ class Router:
                 continue
             for name, when in holder.expiry.items():
                 self.metrics.cert_expiry.labels(name).set(when.timestamp())
+                self.expiry_warnings.check(name, when)
 
     def set_requestheader(self, settings: RequestHeaderSettings) -> None:
         """New requestheader settings (from the ConfigMap): validate, then apply to new
@@ -251,13 +387,17 @@ class Router:
             except (tlsfiles.TLSFileError, StartupError) as exc:
                 self._requestheader = old
                 self.metrics.reloads.labels("requestheader", "failure").inc()
-                logger.error("requestheader settings refused, keeping the last good: %s", exc)
+                self.reload_state.set("requestheader", False)
+                logger.error(
+                    "requestheader settings refused, keeping the last good",
+                    extra=logs.fields(source="configmap", error=str(exc)),
+                )
                 return
         self._identity = IdentityHeaders.from_settings(settings)
         self.metrics.reloads.labels("requestheader", "success").inc()
-        logger.info(
-            "requestheader settings applied allowed_names=%s", ",".join(settings.allowed_names)
-        )
+        self.reload_state.set("requestheader", True)
+        names = ",".join(settings.allowed_names) or "(any from the CA)"
+        logger.info("requestheader settings applied", extra=logs.fields(allowed_names=names))
 
     # ---- routes -----------------------------------------------------------------------------
 
@@ -275,8 +415,15 @@ class Router:
         except OSError as exc:
             if initial:
                 raise StartupError(f"--routes-file: cannot read {path}: {exc.strerror}") from exc
-            logger.error("routes file unreadable, keeping the last good table: %s", exc)
-            self.metrics.reloads.labels("routes", "failure").inc()
+            # Logged and counted when the error changes, not at every check.
+            if self._routes_errors.report(
+                "routes file unreadable, keeping the last good table",
+                file=str(path),
+                error=exc.strerror or str(exc),
+            ):
+                self.metrics.reloads.labels("routes", "failure").inc()
+            self.reload_state.set("routes", False)
+            self._routes_digest = None  # the same file back is a change
             return False
         digest = hashlib.sha256(data).hexdigest()
         if digest == self._routes_digest:
@@ -288,23 +435,28 @@ class Router:
             errors = exc.errors if isinstance(exc, RoutesError) else [str(exc)]
             if initial:
                 raise StartupError(f"--routes-file {path}: " + "; ".join(errors)) from exc
-            logger.error(
-                "routes file %s refused, keeping the last good table: %s", path, "; ".join(errors)
+            self._routes_errors.report(
+                "routes file refused, keeping the last good table",
+                file=str(path),
+                error="; ".join(errors),
             )
             self.metrics.reloads.labels("routes", "failure").inc()
+            self.reload_state.set("routes", False)
             return False
+        self._routes_errors.clear("routes file readable again", file=str(path))
+        self.reload_state.set("routes", True)
         self._routes_digest = digest
         self.live.swap(table, f"file:{path}")
         if not initial:
             self.metrics.reloads.labels("routes", "success").inc()
             logger.info(
-                "routes reloaded tenants=%d namespaces=%d",
-                len(table.tenants),
-                table.namespace_count,
+                "routes reloaded",
+                extra=logs.fields(tenants=len(table.tenants), namespaces=table.namespace_count),
             )
         return True
 
     async def _start_cluster(self) -> None:
+        from router import kubeconfig
         from router.cluster import client as kube
         from router.cluster import requestheader, routes_loop  # loaded only when used
 
@@ -312,7 +464,9 @@ class Router:
         try:
             self._api = await kube.api_client(cfg.kubeconfig)
         except Exception as exc:
-            raise StartupError(f"cannot load Kubernetes client configuration: {exc}") from exc
+            raise StartupError(str(exc)) from exc
+        choice, _ = kubeconfig.choose(cfg.kubeconfig, os.environ, _home())
+        self._kube_source = choice.describe() if choice is not None else "unknown"
         sync = None
         if self._policy_settings is not None:
             from router.cluster.policy_loop import PolicySync
@@ -380,17 +534,30 @@ class Router:
             try:
                 holder.reload()
             except tlsfiles.TLSFileError as exc:
-                self.metrics.reloads.labels(holder.name, "failure").inc()
-                logger.error("%s refused, keeping the last good: %s", holder.name, exc)
+                # The bad file is re-checked at every pass: log and count it when it changes.
+                errors = self._tls_errors.setdefault(holder.name, logs.ChangeLogger(logger))
+                if errors.report(
+                    f"{holder.name} refused, keeping the last good",
+                    source=holder.name,
+                    error=str(exc),
+                ):
+                    self.metrics.reloads.labels(holder.name, "failure").inc()
+                self.reload_state.set(holder.name, False)
                 continue
+            if holder.name in self._tls_errors:
+                self._tls_errors[holder.name].clear()
             self.metrics.reloads.labels(holder.name, "success").inc()
-            logger.info("%s reloaded", holder.name)
-            self._export_expiry()
+            self.reload_state.set(holder.name, True)
+            logger.info("%s reloaded", holder.name, extra=logs.fields(source=holder.name))
+        # Also without a reload: a certificate in force drifts into the warning window.
+        self._export_expiry()
 
     # ---- metrics port -----------------------------------------------------------------------
 
     async def _start_metrics(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
+        parsed = parse_host_port(address)
+        assert parsed is not None  # "0" (disabled) never gets here
+        host, port = parsed
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_get("/routes", self._routes_handler)
@@ -398,7 +565,7 @@ class Router:
             app.router.add_get(path, self._health_handler)
         self._metrics_runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._metrics_runner.setup()
-        site = web.TCPSite(self._metrics_runner, host.strip("[]") or None, int(port))
+        site = web.TCPSite(self._metrics_runner, host or None, port)
         try:
             await site.start()
         except OSError as exc:
@@ -420,3 +587,10 @@ class Router:
         if request.path == "/readyz" and not self.ready:
             return web.Response(status=503, text="not ready\n")
         return web.Response(text="ok\n")
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home()
+    except RuntimeError:
+        return None

@@ -17,7 +17,8 @@ Files written by :func:`generate_pki` (``*.key`` mode 0600, ``*.crt`` mode 0644)
                                     servers trust it via --requestheader-client-ca-file
     router-client.crt/.key          CN metrics-router, clientAuth, signed by router-client-ca
     upstream-ca.crt/.key            CA of the tenants' KEDA metrics server serving certificates
-    upstream-<T>.crt/.key           per tenant T: serverAuth, signed by upstream-ca; SANs
+    upstream-<T>.crt/.key           per tenant T (default tenant-a, tenant-b, tenant-c; names are
+                                    used as given): serverAuth, signed by upstream-ca; SANs
                                     127.0.0.1, localhost,
                                     keda-operator-metrics-apiserver.<T>--sys.svc[.cluster.local]
     rogue-ca.crt/.key               an unrelated CA (negative tests, demo)
@@ -48,9 +49,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from router.logs import fields
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_TENANTS: tuple[str, ...] = ("a", "b", "c")
+# Tenants are named after their root namespace (tenant-a), as the default --tenant-pattern and
+# the hnc strategy name them; the tenant's KEDA runs in "<tenant>--sys".
+DEFAULT_TENANTS: tuple[str, ...] = ("tenant-a", "tenant-b", "tenant-c")
 DEFAULT_DAYS = 365
 KEY_MODE = 0o600
 CERT_MODE = 0o644
@@ -251,13 +256,16 @@ def issue_cert(
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
     key: ec.EllipticCurvePrivateKey | None = None,
+    extended_key_usages: Sequence[x509.ObjectIdentifier] | None = None,
 ) -> CertAndKey:
     """A leaf certificate signed by ca, with serverAuth and/or clientAuth EKU.
 
     Each call gets a new random serial (and a new key unless one is given), so issuing twice
-    gives a "rotated" certificate.
+    gives a "rotated" certificate. Negative tests pass ``not_before``/``not_after`` for an
+    expired or not-yet-valid certificate, and ``extended_key_usages`` for a certificate with
+    other usages than ``server``/``client`` ask for (e.g. ``[CODE_SIGNING]``).
     """
-    if not (server or client):
+    if not (server or client or extended_key_usages):
         raise ValueError("issue_cert: ask for server=True and/or client=True")
     key = key if key is not None else _new_key()
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
@@ -268,6 +276,8 @@ def issue_cert(
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     if client:
         usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    if extended_key_usages is not None:
+        usages = list(extended_key_usages)
     ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
         x509.CertificateBuilder()
@@ -512,7 +522,7 @@ def generate_pki(
         upstreams=upstreams,
     )
     write_file(pki.secrets_yaml, yaml.safe_dump_all(docs, sort_keys=False).encode(), KEY_MODE)
-    logger.info("pki generated directory=%s tenants=%s", pki.directory, ",".join(pki.tenants))
+    logger.info("pki generated", extra=fields(directory=str(pki.directory), tenants=pki.tenants))
     return pki
 
 

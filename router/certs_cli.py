@@ -10,7 +10,21 @@ from router import certs
 
 
 def _tenant_list(value: str) -> list[str]:
-    return [t.strip() for t in value.split(",") if t.strip()]
+    tenants = [t.strip() for t in value.split(",") if t.strip()]
+    try:
+        return list(certs.validate_tenant_names(tenants))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _days(value: str) -> int:
+    try:
+        days = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a whole number of days, got {value!r}") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return days
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,22 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init.add_argument(
         "--tenants",
         type=_tenant_list,
-        default=list(certs.DEFAULT_TENANTS),
-        help="comma-separated tenant names, DNS labels (default: %(default)s)",
+        default=",".join(certs.DEFAULT_TENANTS),
+        help="comma-separated tenant names, used as given (DNS labels): tenant T gets "
+        "upstream-T.crt for keda-operator-metrics-apiserver.T--sys.svc. Name a tenant after "
+        "its root namespace (tenant-a) to match the default --tenant-pattern",
     )
     init.add_argument("--force", action="store_true", help="overwrite existing files")
-    init.add_argument(
-        "--days", type=int, default=certs.DEFAULT_DAYS, help="validity (default: %(default)s)"
-    )
+    init.add_argument("--days", type=_days, default=certs.DEFAULT_DAYS, help="validity in days")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.certs_command != "init":  # pragma: no cover - argparse restricts the choices
         print(f"metrics-router certs: unknown action {args.certs_command!r}", file=sys.stderr)
         return 2
-    if args.days < 1:
-        print("metrics-router certs init: --days must be at least 1", file=sys.stderr)
-        return 1
     try:
         pki = certs.generate_pki(args.dir, args.tenants, force=args.force, days=args.days)
     except certs.PkiExistsError as exc:

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.options import byte_size, duration
+from router import logs
+from router.options import byte_size, duration, format_duration, parse_host_port
 from router.settings import DEFAULT_TENANT_PATTERN, DEFAULT_UPSTREAM_SERVICE_SELECTOR, STRATEGIES
 from router.settings import TenancySettings as TenancySettings
 
@@ -19,6 +20,7 @@ DEFAULT_USERNAME_HEADERS = ("X-Remote-User",)
 DEFAULT_UID_HEADERS = ("X-Remote-Uid",)
 DEFAULT_GROUP_HEADERS = ("X-Remote-Group",)
 DEFAULT_EXTRA_PREFIXES = ("X-Remote-Extra-",)
+DEFAULT_UPSTREAM_TEMPLATE_EXAMPLE = "https://keda-operator-metrics-apiserver.{tenant}--sys.svc:443"
 DEFAULT_TENANT_ROOT_LABEL = "tenancy.metrics-router.io/root=true"
 DEFAULT_STALE_MAX_ENTRIES_PER_TENANT = 1000
 DEFAULT_STALE_MAX_BYTES = 32 * 1024 * 1024
@@ -89,6 +91,10 @@ class ServeConfig:
     log_level: str
     tenancy: TenancySettings = field(default_factory=TenancySettings)
     stale: StaleSettings = field(default_factory=StaleSettings)
+    # SIGTERM: /readyz fails at once, the listener keeps serving this long, then drains.
+    shutdown_delay_duration: float = 0.0
+    # A certificate expiring within this time logs a warning and sets a metric.
+    certificate_expiry_warning: float = 7 * 24 * 3600.0
 
     @property
     def uses_cluster(self) -> bool:
@@ -105,7 +111,11 @@ def _csv(value: str | None) -> tuple[str, ...]:
 def add_tenancy_arguments(parser: argparse.ArgumentParser) -> None:
     """Tenancy flags shared by `serve` and `reloader`."""
     g = parser.add_argument_group("tenancy (routes from the cluster)")
-    g.add_argument("--kubeconfig", type=Path, help="kubeconfig file; default: in-cluster config")
+    g.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig file; default as kubectl: $KUBECONFIG, in-cluster, ~/.kube/config",
+    )
     g.add_argument(
         "--namespace-selector",
         help="label selector limiting the namespaces considered (e.g. 'tenancy.io/managed=true')",
@@ -113,13 +123,12 @@ def add_tenancy_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tenant-strategies",
         default=",".join(STRATEGIES),
-        help="comma list of namespace->tenant strategies tried in order: hnc, label, pattern "
-        "(default %(default)s)",
+        help="comma list of namespace->tenant strategies tried in order: hnc, label, pattern",
     )
     g.add_argument(
         "--tenant-root-label",
         default=DEFAULT_TENANT_ROOT_LABEL,
-        help="hnc strategy: KEY=VALUE label marking a tenant root namespace (default %(default)s)",
+        help="hnc strategy: KEY=VALUE label marking a tenant root namespace",
     )
     g.add_argument(
         "--tenant-label", help="label strategy: namespace label KEY whose value names the tenant"
@@ -127,18 +136,19 @@ def add_tenancy_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tenant-pattern",
         default=DEFAULT_TENANT_PATTERN,
-        help="pattern strategy: regular expression on the namespace name with a 'tenant' group "
-        "(default %(default)s)",
+        help="pattern strategy: regular expression on the namespace name with a 'tenant' group; "
+        "the default names a tenant after its root namespace, as hnc does (tenant-a, "
+        "tenant-a--dev -> tenant-a)",
     )
     g.add_argument(
         "--upstream-service-selector",
         default=DEFAULT_UPSTREAM_SERVICE_SELECTOR,
-        help="label selector of each tenant's KEDA metrics apiserver Service (default %(default)s)",
+        help="label selector of each tenant's KEDA metrics apiserver Service",
     )
     g.add_argument(
         "--upstream-template",
         help="tenant upstream URL template instead of Service discovery, e.g. "
-        "'https://keda-operator-metrics-apiserver.{tenant}--sys.svc:443'",
+        f"'{DEFAULT_UPSTREAM_TEMPLATE_EXAMPLE}'",
     )
 
 
@@ -185,7 +195,7 @@ def tenancy_from_args(args: argparse.Namespace, errors: list[str]) -> TenancySet
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("secure serving")
-    g.add_argument("--secure-port", type=int, default=6443, help="HTTPS port (default %(default)s)")
+    g.add_argument("--secure-port", type=int, default=6443, help="HTTPS port")
     g.add_argument("--bind-address", default="0.0.0.0", help="address to listen on")
     g.add_argument("--tls-cert-file", type=Path, help="serving certificate (PEM, with chain)")
     g.add_argument("--tls-private-key-file", type=Path, help="serving certificate key (PEM)")
@@ -193,7 +203,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=1,
-        help="processes serving the same port with SO_REUSEPORT, each with its own pools",
+        help="processes serving the same port with SO_REUSEPORT, each with its own pools; "
+        "start-up fails if another process holds the port",
     )
 
     g = parser.add_argument_group("authentication of the aggregator (requestheader)")
@@ -217,25 +228,28 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--proxy-client-key-file", type=Path, help="the router's client key")
     g.add_argument("--upstream-ca-file", type=Path, help="CA bundle for upstream serving certs")
     g.add_argument(
-        "--upstream-timeout", type=float, default=10.0, help="seconds per upstream request"
+        "--upstream-timeout",
+        type=duration,
+        default="10s",
+        help="time per upstream request (Go duration such as 10s, or seconds)",
     )
     g.add_argument(
         "--upstream-connect-timeout",
-        type=float,
-        default=3.0,
-        help="seconds to connect and handshake with an upstream",
+        type=duration,
+        default="3s",
+        help="time to connect and handshake with an upstream",
     )
     g.add_argument(
         "--max-inflight-per-tenant",
         type=int,
         default=64,
-        help="requests in flight per tenant before fast 429s (default %(default)s)",
+        help="requests in flight per tenant before fast 429s",
     )
     g.add_argument(
         "--max-idle-connections-per-upstream",
         type=int,
         default=64,  # as many as --max-inflight-per-tenant: no TLS handshake churn at load
-        help="keep-alive connections kept per upstream (default %(default)s)",
+        help="keep-alive connections kept per upstream",
     )
     g.add_argument(
         "--serve-stale-for",
@@ -271,22 +285,35 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--metrics-bind-address",
         default="0.0.0.0:9090",
-        help="HOST:PORT for /metrics, /routes and health; '0' disables (default %(default)s)",
+        help="HOST:PORT for /metrics, /routes and health; '0' disables",
+    )
+    g.add_argument(
+        "--shutdown-delay-duration",
+        type=duration,
+        default="0s",
+        help="after SIGTERM, /readyz fails at once and the secure port keeps serving this long "
+        "(for endpoints to be removed everywhere) before draining; a second signal exits at once",
     )
     g.add_argument(
         "--shutdown-grace-period",
-        type=float,
-        default=15.0,
-        help="seconds in-flight requests may take after SIGTERM (default %(default)s)",
+        type=duration,
+        default="15s",
+        help="time in-flight requests may take once draining starts",
     )
     g.add_argument(
         "--file-check-interval",
-        type=float,
-        default=1.0,
-        help="seconds between checks of certificate and routes files for changes",
+        type=duration,
+        default="1s",
+        help="time between checks of certificate and routes files for changes",
     )
-    g.add_argument("--log-format", choices=("text", "json"), default="text")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    g.add_argument(
+        "--certificate-expiry-warning",
+        type=duration,
+        default=format_duration(7 * 24 * 3600),
+        help="a certificate expiring within this time logs a warning and sets "
+        "metrics_router_certificate_expiring_soon",
+    )
+    logs.add_log_arguments(g)
 
 
 def _need_file(errors: list[str], flag: str, value: Path | None) -> None:
@@ -297,13 +324,12 @@ def _need_file(errors: list[str], flag: str, value: Path | None) -> None:
 
 
 def _host_port(value: str, flag: str, errors: list[str]) -> str | None:
-    if value in ("0", ""):
+    try:
+        parsed = parse_host_port(value)
+    except ValueError as exc:
+        errors.append(f"{flag}: {exc}")
         return None
-    _host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        errors.append(f"{flag}: want HOST:PORT, got {value!r}")
-        return None
-    return value
+    return None if parsed is None else value
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -330,8 +356,6 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     ):
         if not value > 0:
             errors.append(f"{flag}: must be > 0")
-    if args.shutdown_grace_period < 0:
-        errors.append("--shutdown-grace-period: must be >= 0")
     if args.max_inflight_per_tenant < 1:
         errors.append("--max-inflight-per-tenant: must be >= 1")
     if args.max_idle_connections_per_upstream < 0:
@@ -408,4 +432,6 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             max_entries_per_tenant=args.stale_cache_max_entries_per_tenant,
             max_bytes=args.stale_cache_max_bytes,
         ),
+        shutdown_delay_duration=args.shutdown_delay_duration,
+        certificate_expiry_warning=args.certificate_expiry_warning,
     )

@@ -33,10 +33,12 @@ HPA_USER = "system:serviceaccount:kube-system:horizontal-pod-autoscaler"
 HPA_GROUPS = ("system:serviceaccounts", "system:authenticated")
 METRIC = "s0-prometheus"
 SELECTOR = "labelSelector=scaledobject.keda.sh%2Fname%3Dapp-scaler"
+# Each tenant is named after its root namespace (the default --tenant-pattern and the hnc
+# strategy name tenants so); its KEDA would run in "<tenant>--sys".
 TENANTS = {
-    "a": (("tenant-a", "tenant-a--dev"), "42"),
-    "b": (("tenant-b",), "7"),
-    "c": (("tenant-c", "tenant-c--ml"), "1500m"),
+    "tenant-a": (("tenant-a", "tenant-a--dev"), "42"),
+    "tenant-b": (("tenant-b",), "7"),
+    "tenant-c": (("tenant-c", "tenant-c--ml"), "1500m"),
 }
 OK, FAIL = "\u2713", "\u2717"
 
@@ -228,7 +230,7 @@ class Demo:
             print(f"  {mark} upstream requests during these refusals: {after - before}")
 
             step("Live change: tenant-b--new is added to the routes file")
-            self._write_routes(routes, extra={"b": ("tenant-b--new",)})
+            self._write_routes(routes, extra={"tenant-b": ("tenant-b--new",)})
             t0 = time.monotonic()
             status = 0
             while time.monotonic() - t0 < 10:
@@ -251,12 +253,12 @@ class Demo:
             mark = self.checks.check(doctor.returncode == 0 and probed, "doctor")
             print(f"  {mark} doctor exit {doctor.returncode}: every tenant's trust chain holds")
 
-            step("Tenant outage: tenant c's metrics server stops")
-            await self.stubs["c"].stop()
+            step("Tenant outage: tenant-c's metrics server stops")
+            await self.stubs["tenant-c"].stop()
             rows = []
             for ns, want in (("tenant-c", 503), ("tenant-a", 200), ("tenant-b", 200)):
                 r = await self._get(http, base + metric_path(ns), agg)
-                mark = self.checks.check(r.status == want, f"{ns} during c's outage")
+                mark = self.checks.check(r.status == want, f"{ns} during tenant-c's outage")
                 rows.append([mark, ns, str(r.status), r.reason])
             print(table(["", "namespace", "HTTP", "reason"], rows))
 
@@ -267,7 +269,7 @@ class Demo:
             lines = [ln for ln in text.splitlines() if ln.startswith(wanted)]
             for ln in lines:
                 print("  " + ln)
-            self.checks.check(any('tenant="c"' in ln for ln in lines), "per-tenant metrics")
+            self.checks.check(any('tenant="tenant-c"' in ln for ln in lines), "per-tenant metrics")
 
             await self._stale_step(http, base, agg, routes, metrics_port)
 
@@ -282,12 +284,12 @@ class Demo:
     async def _stale_step(
         self, http: aiohttp.ClientSession, base: str, agg: ssl.SSLContext, routes: Path, mport: int
     ) -> None:
-        """Tenant b's metrics server restarts (down 3 s) while the HPA polls every 0.5 s, with
-        serveStaleFor: 30s on b: every poll is answered, from the HPA's own last answer."""
-        step("Ride through a restart: tenant b gets serveStaleFor: 30s, then stops for 3 s")
-        b = self.stubs["b"]
+        """Tenant-b's metrics server restarts (down 3 s) while the HPA polls every 0.5 s, with
+        serveStaleFor: 30s on tenant-b: every poll is answered, from the HPA's own last answer."""
+        step("Ride through a restart: tenant-b gets serveStaleFor: 30s, then stops for 3 s")
+        b = self.stubs["tenant-b"]
 
-        def turn_on() -> None:  # serveStaleFor: 30s under b's upstream, written atomically
+        def turn_on() -> None:  # serveStaleFor: 30s under tenant-b's upstream, written atomically
             line = f"    upstream: {b.url}\n"
             tmp = routes.with_suffix(".tmp")
             tmp.write_text(routes.read_text().replace(line, line + "    serveStaleFor: 30s\n"))
@@ -300,7 +302,7 @@ class Demo:
             await asyncio.sleep(0.05)
             async with http.get(f"http://127.0.0.1:{mport}/routes") as resp:
                 tenants = {t["tenant"]: t for t in (await resp.json())["tenants"]}
-            view = tenants["b"].get("staleAnswers") or {}
+            view = tenants["tenant-b"].get("staleAnswers") or {}
         url = base + metric_path("tenant-b")
         hpa = [("X-Remote-User", HPA_USER)] + [("X-Remote-Group", g) for g in HPA_GROUPS]
         other = [*hpa, ("X-Remote-Group", "system:masters")]
@@ -330,7 +332,10 @@ class Demo:
         print(table(["", "when", "HTTP", "Age", "Warning"], rows))
         down = [r for r in rows if r[1].startswith("down")]
         errors = sum(r[2] != "200" for r in down)
-        print(f"  {len(down)} polls while b was down: {errors} errors (c, with it off: 503 above)")
+        print(
+            f"  {len(down)} polls while tenant-b was down: {errors} errors"
+            " (tenant-c, with it off: 503 above)"
+        )
 
     def _refusal(self, what: str, r: Answer, want: int) -> list[str]:
         mark = self.checks.check(r.status == want, what)

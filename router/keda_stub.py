@@ -12,7 +12,7 @@ is recorded as a :class:`SeenRequest` in ``stub.seen``; ``await stub.wait_for_re
 waits for them without sleeping. ``stub.behaviour`` (:class:`StubBehaviour`) switches faults at
 run time: delay, hang, fail_status, drop, content_type/body override.
 
-Standalone: ``python -m router.keda_stub --tenant a --cert F --key F --client-ca F --port N``
+Standalone: ``python -m router.keda_stub --tenant tenant-a --cert F --key F --client-ca F --port N``
 prints ``listening on https://HOST:PORT`` once it accepts connections.
 """
 

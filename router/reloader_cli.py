@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from router import logs
 from router.cluster.client import KubeConfigError, api_client
 from router.config import TenancySettings, add_tenancy_arguments, tenancy_from_args
+from router.options import parse_duration, parse_host_port
 from router.reloader.health import start_health_server
 from router.reloader.metrics import ReloaderMetrics
 from router.reloader.shell import Reloader
@@ -35,32 +36,9 @@ from router.settings import ReloaderSettings
 
 logger = logging.getLogger(__name__)
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-
-def parse_duration(text: str) -> float:
-    """Seconds from a Go-style duration ('2s', '500ms', '1m30s') or a plain number of seconds."""
-    value = text.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        if seconds < 0 or seconds != seconds or seconds == float("inf"):
-            raise ValueError(f"invalid duration {text!r}: must be a finite number >= 0")
-        return seconds
-    pos, total = 0, 0.0
-    while pos < len(value):
-        match = _DURATION_PART.match(value, pos)
-        if match is None:
-            raise ValueError(f"invalid duration {text!r} (want e.g. 2s, 500ms, 1m30s or 2.5)")
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if not value:
-        raise ValueError("invalid duration '' (want e.g. 2s, 500ms, 1m30s or 2.5)")
-    return total
+__all__ = ["ReloaderConfig", "add_arguments", "config_from_args", "parse_duration", "run"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,39 +69,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--env-name",
         default="WATCH_NAMESPACE",
-        help="environment variable that carries the namespace list (default %(default)s)",
+        help="environment variable that carries the namespace list",
     )
     g.add_argument(
         "--debounce",
         default="2s",
         help="window after the first change of the set in which further changes are folded into "
-        "one restart (default %(default)s)",
+        "one restart",
     )
     g.add_argument(
         "--grace-period",
         default="30s",
-        help="time the child has to exit after SIGTERM before SIGKILL (default %(default)s)",
+        help="time the child has to exit after SIGTERM before SIGKILL",
     )
     g.add_argument(
         "--restart-backoff",
         default="1s",
-        help="first delay before restarting a child that exited on its own; doubles on each "
-        "crash (default %(default)s)",
+        help="first delay before restarting a child that exited on its own; doubles on each crash",
     )
     g.add_argument(
         "--restart-backoff-max",
         default="1m",
-        help="cap of the restart delay; a child that stayed up twice this long resets it "
-        "(default %(default)s)",
+        help="cap of the restart delay; a child that stayed up twice this long resets it",
     )
     g = parser.add_argument_group("operation")
     g.add_argument(
         "--health-bind-address",
         default="0.0.0.0:8090",
-        help="HOST:PORT for /healthz and /metrics; '0' disables (default %(default)s)",
+        help="HOST:PORT for /healthz and /metrics; '0' disables",
     )
-    g.add_argument("--log-format", choices=("text", "json"), default="text")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    logs.add_log_arguments(g)
     parser.add_argument(
         "command", nargs="*", metavar="COMMAND", help="the operator command line, after '--'"
     )
@@ -196,13 +171,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[ReloaderConfig | None, l
 
 
 def _bind_address(value: str, errors: list[str]) -> tuple[str | None, int]:
-    if value in ("0", ""):
+    try:
+        parsed = parse_host_port(value)
+    except ValueError as exc:
+        errors.append(f"--health-bind-address: {exc}")
         return None, 0
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        errors.append(f"--health-bind-address: want HOST:PORT or 0, got {value!r}")
+    if parsed is None:
         return None, 0
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return parsed[0] or "0.0.0.0", parsed[1]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -250,13 +226,17 @@ async def main(config: ReloaderConfig) -> int:
                 )
             except OSError as exc:
                 logger.error(
-                    "cannot listen health_bind_address=%s:%d error=%s",
-                    config.health_host,
-                    config.health_port,
-                    exc,
+                    "cannot listen",
+                    extra=logs.fields(
+                        health_bind_address=f"{config.health_host}:{config.health_port}",
+                        error=exc.strerror or str(exc),
+                    ),
                 )
                 return 1
-            logger.info("health and metrics listening address=%s:%d", config.health_host, port)
+            logger.info(
+                "health and metrics listening",
+                extra=logs.fields(address=f"{config.health_host}:{port}"),
+            )
         watch = asyncio.create_task(source.run())
         watch.add_done_callback(source_done)
         try:

@@ -1,7 +1,8 @@
 """`metrics-router render`: manifests for the tenants, as files (GitOps) or on stdout.
 
 ```
-metrics-router render [policies] (--routes-file F | --kubeconfig F | in-cluster)
+metrics-router render [policies] (--routes-file F [--kube-apiserver-cidr CIDR ...]
+                       | --kubeconfig F | $KUBECONFIG | in-cluster | ~/.kube/config)
                       [tenancy flags] [--kind networkpolicy|cilium] [--policy-config F]
                       [--output-dir D]
 metrics-router render apiservice --ca-file F [--service-namespace metrics-router]
@@ -14,7 +15,8 @@ of the tenant's `serverName` (or upstream host) `<svc>.<ns>.svc`, else `<tenant>
 (`keda.namespaceTemplate`). From a cluster the tenants are resolved exactly as `serve` resolves
 them, the egress annotations of each tenant's root namespace are read, and, for the
 NetworkPolicy kind, the kube-apiserver's addresses come from the `default/kubernetes`
-EndpointSlices unless the policy config sets `kubeAPIServer.cidrs`.
+EndpointSlices unless `--kube-apiserver-cidr` or the policy config's `kubeAPIServer.cidrs`
+give them. Without a cluster, a routes file plus `--kube-apiserver-cidr` flags is enough.
 
 With `--output-dir D`, one file per object: `networkpolicy.<namespace>.<name>.yaml` or
 `ciliumclusterwidenetworkpolicy.<name>.yaml`, each starting with a marker line naming the
@@ -46,6 +48,7 @@ from router.core.policy import (
     ManifestError,
     NamespaceMeta,
     PolicyConfig,
+    parse_cidr,
     parse_policy_config,
     render,
     tenant_networks,
@@ -61,6 +64,10 @@ _FILE_PREFIX = {KIND_NETWORKPOLICY: "networkpolicy", KIND_CILIUM: "ciliumcluster
 
 class RenderError(ConfigError):
     """A problem that stops the render; ``errors`` lists every one."""
+
+
+class UsageError(RenderError):
+    """The flags themselves are wrong (exit 2, as argparse's own errors)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=KINDS,
         default=KIND_NETWORKPOLICY,
         help="networkpolicy: networking.k8s.io/v1 NetworkPolicy; cilium: cilium.io/v2 "
-        "CiliumClusterwideNetworkPolicy (default %(default)s)",
+        "CiliumClusterwideNetworkPolicy",
+    )
+    g.add_argument(
+        "--kube-apiserver-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="address of the kube-apiserver (repeatable; replaces kubeAPIServer.cidrs of the "
+        "policy config): what a routes file cannot tell. From a cluster they are read from "
+        "the default/kubernetes EndpointSlices",
     )
     g.add_argument(
         "--policy-config",
@@ -109,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
         return _render_policies(args)
     except ConfigError as exc:  # RenderError and ManifestError are ConfigErrors
         for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
+            print(f"metrics-router render: error: {error}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 # --------------------------------------------------------------------------- apiservice
@@ -124,7 +140,7 @@ def _render_apiservice(args: argparse.Namespace) -> str:
         if value is not None:
             errors.append(f"render apiservice: {flag} belongs to `render policies`")
     if errors:
-        raise RenderError(errors)
+        raise UsageError(errors)
     try:
         pem = Path(args.ca_file).read_bytes()
     except OSError as exc:
@@ -173,9 +189,18 @@ def _render_policies(args: argparse.Namespace) -> int:
     if args.routes_file is not None and args.kubeconfig is not None:
         errors.append("--routes-file and --kubeconfig are mutually exclusive")
     tenancy = tenancy_from_args(args, errors)
+    cidrs: list[str] = []
+    for text in args.kube_apiserver_cidr:
+        try:
+            cidrs.append(parse_cidr(text))
+        except ValueError as exc:
+            errors.append(f"--kube-apiserver-cidr: {exc}")
     if errors:
-        raise RenderError(errors)
+        raise UsageError(errors)
     config = load_policy_config(args.policy_config)
+    if cidrs:
+        settings = replace(config.settings, apiserver_cidrs=tuple(sorted(set(cidrs))))
+        config = replace(config, settings=settings)
     if args.routes_file is not None:
         try:
             table = parse_routes_file(Path(args.routes_file).read_text())
@@ -185,6 +210,15 @@ def _render_policies(args: argparse.Namespace) -> int:
             raise RenderError(
                 [f"--routes-file {args.routes_file}: {e}" for e in exc.errors]
             ) from exc
+        if args.kind == KIND_NETWORKPOLICY and not config.settings.apiserver_cidrs:
+            raise RenderError(
+                [
+                    "the kube-apiserver's addresses are unknown: a routes file does not hold "
+                    "them; give --kube-apiserver-cidr CIDR (repeatable, e.g. the addresses of "
+                    "`kubectl get endpointslices -n default -l kubernetes.io/service-name="
+                    "kubernetes`) or kubeAPIServer.cidrs in --policy-config"
+                ]
+            )
         inputs = Inputs(table, config, {}, {})
     else:
         inputs = asyncio.run(_from_cluster(args.kubeconfig, tenancy, config, args.kind))
@@ -226,7 +260,9 @@ async def _from_cluster(
     try:
         api = await kube.api_client(kubeconfig)
     except kube.KubeError as exc:
-        raise RenderError([str(exc)]) from exc
+        raise RenderError(
+            [f"{exc}; without a cluster, --routes-file with --kube-apiserver-cidr is enough"]
+        ) from exc
     try:
         state = await load_cluster_tenancy(api, tenancy)
         if kind == KIND_NETWORKPOLICY and not config.settings.apiserver_cidrs:

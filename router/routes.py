@@ -20,7 +20,36 @@ from router.options import parse_duration
 
 # libyaml's loader when PyYAML was built with it: the pure-Python one takes most of the load
 # time of a 10,000-namespace routes file.
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BaseSafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping names the same key twice (YAML 1.2 forbids it; PyYAML keeps the last)."""
+
+
+class _SafeLoader(_BaseSafeLoader):  # type: ignore[misc, valid-type]
+    """The safe loader, refusing duplicate keys: a tenant written twice would otherwise
+    silently replace the first, and that tenant's namespaces would get 404."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise DuplicateKeyError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given on line {first.start_mark.line + 1}; "
+                    "YAML keeps only the last, so the first would be lost)",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 class RoutesError(ValueError):
@@ -163,8 +192,11 @@ def parse_routes_file(text: str, default: Upstream | None = None) -> RouteTable:
     """
     try:
         doc = yaml.load(text, Loader=_SafeLoader)  # a safe loader (CSafeLoader or SafeLoader)
+    except DuplicateKeyError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else 0
+        raise RoutesError([f"line {line}: {exc.problem}"]) from exc
     except yaml.YAMLError as exc:
-        raise RoutesError([f"not valid YAML: {exc}"]) from exc
+        raise RoutesError([f"not valid YAML: {' '.join(str(exc).split())}"]) from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("tenants"), dict):
         raise RoutesError(["want a mapping with a 'tenants' mapping at the top"])
     unknown = set(doc) - {"tenants", "default"}

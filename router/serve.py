@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -56,14 +59,22 @@ async def serve(
     metrics_view: Callable[[], CollectorRegistry] | None = None,
     policy: Any = None,
 ) -> int:
-    router = Router(
-        config, reuse_port=reuse_port, metrics_registry_view=metrics_view, policy=policy
-    )
+    router: Router | None = None
     try:
+        router = Router(
+            config, reuse_port=reuse_port, metrics_registry_view=metrics_view, policy=policy
+        )
+        router.handle_signals()
         await router.start()
-    except StartupError as exc:
-        await router.stop()
-        logger.error("cannot start: %s", exc)
+    except Exception as exc:  # never a traceback at start-up, whatever the input
+        if isinstance(exc, StartupError):
+            logger.error("cannot start: %s", exc)
+        else:
+            logger.error("cannot start: %s: %s", type(exc).__name__, exc)
+            logger.debug("start-up failure", exc_info=True)
+        if router is not None:
+            with contextlib.suppress(Exception):
+                await router.stop()
         return 1
     return await router.run_until_signalled()
 
@@ -87,13 +98,38 @@ def run(args: argparse.Namespace) -> int:
             errors.append("--manage-network-policies runs with --workers 1 (one writer per pod)")
     if errors:
         for error in errors:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
+            print(f"metrics-router serve: error: {error}", file=sys.stderr)
+        return 2  # a usage error, as argparse's own
     logs.setup(config.log_level, config.log_format)
     if config.workers > 1:
+        problem = port_held_by_another_process(config.bind_address, config.secure_port)
+        if problem is not None:
+            logger.error("cannot start: %s", problem)
+            return 1
         return supervise(config)
     install_uvloop()
     return asyncio.run(serve(config, policy=policy))
+
+
+def port_held_by_another_process(host: str, port: int) -> str | None:
+    """With --workers, every worker binds with SO_REUSEPORT, and the kernel would let them
+    join the listeners of any other process of this user on that port (splitting connections
+    with a router of another configuration). Before forking, bind the port once *without*
+    SO_REUSEPORT: that fails if anyone holds it. Returns the problem, or None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (
+                    f"{host}:{port} is already in use by another process; --workers would "
+                    "share it with that process (SO_REUSEPORT): stop it or choose another "
+                    "--secure-port"
+                )
+            return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
 
 
 def _worker(config: ServeConfig, index: int, multiproc_dir: str) -> None:
@@ -132,7 +168,9 @@ def supervise(config: ServeConfig) -> int:
     ]
     for w in workers:
         w.start()
-    logger.info("supervising workers=%d pids=%s", len(workers), [w.pid for w in workers])
+    logger.info(
+        "supervising", extra=logs.fields(workers=len(workers), pids=[w.pid for w in workers])
+    )
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -156,7 +194,10 @@ def supervise(config: ServeConfig) -> int:
                     multiprocess.mark_process_dead(w.pid, multiproc_dir)  # type: ignore[no-untyped-call]
                 exit_code = w.exitcode or 0
                 if not stopping:
-                    logger.error("worker %s exited with %s: stopping the others", w.name, exit_code)
+                    logger.error(
+                        "worker exited: stopping the others",
+                        extra=logs.fields(worker=w.name, code=exit_code),
+                    )
                     code = exit_code if exit_code > 0 else 1
                     forward(signal.SIGTERM, None)
     finally:

@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-DEFAULT_TENANT_PATTERN = r"^tenant-(?P<tenant>[a-z0-9]+)(--.+)?$"
+# One naming convention everywhere: a tenant is named after its root namespace (`tenant-a`),
+# its sub-namespaces are `tenant-a--<x>` and its KEDA runs in `tenant-a--sys`, as the hnc
+# strategy names tenants. `certs init`, the demo, the README and deploy/ follow it.
+DEFAULT_TENANT_PATTERN = r"^(?P<tenant>tenant-[a-z0-9]+)(--.+)?$"
 DEFAULT_UPSTREAM_SERVICE_SELECTOR = "app.kubernetes.io/name=keda-operator-metrics-apiserver"
 STRATEGIES = ("hnc", "label", "pattern")
 

@@ -20,9 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,126 @@ def _load_ca(ctx: ssl.SSLContext, pem: bytes, what: str) -> None:
         raise TLSFileError(f"{what}: not a PEM CA bundle: {exc}") from exc
 
 
+# ---- validation: every problem of a file in one line, before any context is built --------
+
+SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
+CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
+_USAGE_NAMES = {SERVER_AUTH: "serverAuth", CLIENT_AUTH: "clientAuth"}
+
+
+def describe(cert: x509.Certificate) -> str:
+    """A certificate as an operator recognises it: its CN (or whole subject) and serial."""
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = str(cns[0].value) if cns else cert.subject.rfc4514_string() or "(empty subject)"
+    return f"CN={name}"
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_certificates(pem: bytes, what: str) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle; TLSFileError for an empty file or no certificate."""
+    if not pem.strip():
+        raise TLSFileError(f"{what}: the file is empty")
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise TLSFileError(f"{what}: no PEM certificate (-----BEGIN CERTIFICATE-----) in the file")
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise TLSFileError(f"{what}: not a valid PEM certificate: {exc}") from exc
+
+
+def _validity_problem(cert: x509.Certificate, now: datetime) -> str | None:
+    if now > cert.not_valid_after_utc:
+        return f"{describe(cert)} expired at {_when(cert.not_valid_after_utc)}"
+    if now < cert.not_valid_before_utc:
+        return f"{describe(cert)} is not valid before {_when(cert.not_valid_before_utc)}"
+    return None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def validate_ca_bundle(pem: bytes, what: str, now: datetime | None = None) -> None:
+    """A CA bundle holds only CA certificates (basicConstraints CA:TRUE), at least one of
+    them valid now. A leaf given as a CA would make every handshake fail."""
+    now = now or datetime.now(UTC)
+    certs = parse_certificates(pem, what)
+    leaves = [describe(c) for c in certs if not _is_ca(c)]
+    if leaves:
+        raise TLSFileError(
+            f"{what}: {', '.join(leaves)} is not a CA certificate (basicConstraints CA:FALSE "
+            "or absent): give the CA that issued it, not the certificate itself"
+        )
+    problems = [_validity_problem(c, now) for c in certs]
+    if all(problems):
+        raise TLSFileError(
+            f"{what}: no CA in the bundle is valid now: {'; '.join(map(str, problems))}"
+        )
+
+
+def _load_private_key(pem: bytes, what: str) -> Any:
+    if not pem.strip():
+        raise TLSFileError(f"{what} key: the file is empty")
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except TypeError as exc:  # encrypted with a passphrase
+        raise TLSFileError(f"{what} key: encrypted keys are not supported ({exc})") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise TLSFileError(f"{what} key: not a PEM private key ({exc})") from exc
+
+
+def _spki(public_key: Any) -> bytes:
+    data: bytes = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return data
+
+
+def validate_leaf(
+    cert_pem: bytes,
+    key_pem: bytes,
+    what: str,
+    usage: x509.ObjectIdentifier,
+    now: datetime | None = None,
+) -> x509.Certificate:
+    """The first certificate of ``cert_pem`` is valid now, belongs to the key and carries the
+    extended key usage ``usage`` (a certificate without the EKU extension allows every usage,
+    as Go and OpenSSL read it). Returns that certificate."""
+    now = now or datetime.now(UTC)
+    leaf = parse_certificates(cert_pem, what)[0]
+    key = _load_private_key(key_pem, what)
+    if _spki(key.public_key()) != _spki(leaf.public_key()):
+        raise TLSFileError(
+            f"{what}: certificate and key do not load as a pair: the key does not belong to "
+            f"{describe(leaf)}"
+        )
+    problems = []
+    problem = _validity_problem(leaf, now)
+    if problem:
+        problems.append(problem)
+    try:
+        usages = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = [usage]
+    if usage not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
+        have = ", ".join(_USAGE_NAMES.get(u, u.dotted_string) for u in usages) or "none"
+        problems.append(
+            f"{describe(leaf)} lacks the extended key usage {_USAGE_NAMES[usage]} (has {have})"
+        )
+    if problems:
+        raise TLSFileError(f"{what}: " + "; ".join(problems))
+    return leaf
+
+
 def server_context(cert: bytes, key: bytes, client_ca: bytes) -> ssl.SSLContext:
+    validate_leaf(cert, key, "serving certificate", SERVER_AUTH)
+    validate_ca_bundle(client_ca, "requestheader client CA")
     ctx = _base_context(ssl.PROTOCOL_TLS_SERVER)
     _load_chain(ctx, cert, key, "serving certificate")
     _load_ca(ctx, client_ca, "requestheader client CA")
@@ -80,6 +202,9 @@ def server_context(cert: bytes, key: bytes, client_ca: bytes) -> ssl.SSLContext:
 
 
 def client_context(cert: bytes, key: bytes, ca: bytes | None) -> ssl.SSLContext:
+    validate_leaf(cert, key, "proxy client certificate", CLIENT_AUTH)
+    if ca is not None:
+        validate_ca_bundle(ca, "upstream CA")
     ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -328,7 +328,7 @@ def test_cli_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "upstream-x.crt" in out
     assert "--requestheader-client-ca-file" in out
     assert (out_dir / "upstream-y.key").exists()
-    assert not (out_dir / "upstream-a.crt").exists()
+    assert not (out_dir / "upstream-tenant-a.crt").exists()
 
     assert cli_main(["certs", "init", "--dir", str(out_dir), "--tenants", "x,y"]) == 1
     err = capsys.readouterr().err
@@ -339,8 +339,11 @@ def test_cli_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_invalid_tenant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["certs", "init", "--dir", str(tmp_path), "--tenants", "ok,Not_OK"]) == 1
+    with pytest.raises(SystemExit) as exc:  # a usage error: exit 2, this command's usage
+        cli_main(["certs", "init", "--dir", str(tmp_path), "--tenants", "ok,Not_OK"])
+    assert exc.value.code == 2
     err = capsys.readouterr().err
+    assert "usage: metrics-router certs init" in err
     assert "'Not_OK' is not a valid tenant name" in err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []

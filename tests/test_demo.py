@@ -39,10 +39,10 @@ def test_demo_walks_the_whole_path_and_exits_zero() -> None:
     # each namespace answered by its own tenant, with the HPA's identity seen upstream and the
     # router's own certificate authenticated there
     for namespace, tenant, value in (
-        ("tenant-a", "a", "42"),
-        ("tenant-a--dev", "a", "42"),
-        ("tenant-b", "b", "7"),
-        ("tenant-c--ml", "c", "1500m"),
+        ("tenant-a", "tenant-a", "42"),
+        ("tenant-a--dev", "tenant-a", "42"),
+        ("tenant-b", "tenant-b", "7"),
+        ("tenant-c--ml", "tenant-c", "1500m"),
     ):
         row = _row(lines, namespace, tenant)
         assert row[0] == "\u2713", row
@@ -57,12 +57,12 @@ def test_demo_walks_the_whole_path_and_exits_zero() -> None:
     assert "upstream requests during these refusals: 0" in out
     assert "routable after" in out
     assert _row(lines, "tenant-c", "503")[0] == "\u2713"
-    assert 'metrics_router_upstream_errors_total{kind="unreachable",tenant="c"} 1.0' in out
+    assert 'metrics_router_upstream_errors_total{kind="unreachable",tenant="tenant-c"} 1.0' in out
     summary = lines[-1] if "passed" in lines[-1] else next(ln for ln in lines if " passed, " in ln)
     # the doctor, in routes-file mode: cluster checks skipped, every tenant's chain probed
     assert "- APIService: skipped: routes-file mode" in out
-    assert "\u2713 tenant c: discovery GET as metrics-router:doctor" in out
-    assert "6 polls while b was down: 0 errors" in out
+    assert "\u2713 tenant tenant-c: discovery GET as metrics-router:doctor" in out
+    assert "6 polls while tenant-b was down: 0 errors" in out
     assert _row(lines, "one", "group", "more")[0] == "\u2713"
     # 5 namespaces, discovery, 5 refusals, nothing forwarded, live change, doctor, 3 outage
     # rows, metrics, 6 stale answers, another identity, b back, and the exit code 0 on SIGTERM

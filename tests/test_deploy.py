@@ -1,7 +1,8 @@
 """deploy/: every manifest valid, the kustomizations rendered, and the pieces agreeing.
 
 Core kinds are validated with kubernetes-validate (Kubernetes 1.32, strict); cert-manager,
-Prometheus Operator, Cilium, KEDA and HNC kinds against the schemas in ../shared/schemas.
+Prometheus Operator, Cilium, KEDA and HNC kinds against the schemas shipped in tests/schemas
+(see its README for their sources and licences).
 Kustomizations are rendered with `kubectl kustomize` (kustomize built into kubectl); the tenant
 KEDA overlay runs through deploy/keda/post-render on a stand-in for the chart's output.
 """
@@ -30,7 +31,7 @@ from router.apiservice import apiservice
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-SCHEMAS = ROOT.parent / "shared" / "schemas"
+SCHEMAS = ROOT / "tests" / "schemas"
 K8S_VERSION = "1.32"
 KUBECTL = shutil.which("kubectl")
 
@@ -56,6 +57,7 @@ def registered_metrics() -> tuple[frozenset[str], frozenset[str]]:
     """(every sample name family, histogram families) that the code registers."""
     from prometheus_client import CollectorRegistry
 
+    from router.app import ExpiryWarnings, ReloadState
     from router.cluster.metrics import PolicyMetrics, cluster_metrics
     from router.metrics import ProxyMetrics
     from router.reloader.metrics import ReloaderMetrics
@@ -65,6 +67,8 @@ def registered_metrics() -> tuple[frozenset[str], frozenset[str]]:
     cluster_metrics(registry)
     PolicyMetrics(registry)
     ReloaderMetrics(registry)
+    ExpiryWarnings(registry, 0)
+    ReloadState(registry)
     names: set[str] = set()
     histograms: set[str] = set()
     for family in registry.collect():
@@ -134,8 +138,7 @@ def one(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[
 @functools.cache
 def crd_schema(group: str, version: str, kind: str) -> dict[str, Any]:
     directory = SCHEMAS / group
-    if not directory.is_dir():
-        pytest.skip(f"CRD schemas not found at {directory} (expected ../shared/schemas)")
+    assert directory.is_dir(), f"no CRD schemas for {group} in {SCHEMAS}"
     json_file = directory / f"{kind.lower()}_{version}.json"
     if json_file.is_file():
         schema: dict[str, Any] = json.loads(json_file.read_text())
@@ -391,6 +394,20 @@ def test_router_tenant_pattern_names_tenants_like_the_hnc_example() -> None:
         m = pattern.match(ns)
         assert m is not None, ns
         assert m.group("tenant") == root, ns
+
+
+@needs_kubectl
+def test_router_rolls_out_without_losing_requests() -> None:
+    dep = one(rendered("router"), "Deployment", "metrics-router")
+    args, _ = serve_parser().parse_known_args(container(dep)["args"][1:])
+    # The default pattern is the convention: deploy/ no longer overrides it.
+    assert args.tenant_pattern == config.DEFAULT_TENANT_PATTERN
+    assert args.shutdown_delay_duration >= 5
+    pod = dep["spec"]["template"]["spec"]
+    needed = args.shutdown_delay_duration + args.shutdown_grace_period
+    assert pod["terminationGracePeriodSeconds"] > needed
+    probe = container(dep)["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/readyz"
 
 
 @needs_kubectl

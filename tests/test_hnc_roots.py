@@ -135,9 +135,9 @@ def test_hnc_tree_without_tenant_root_labels_differed() -> None:
     labels = tree({"tenant-a": None, "tenant-a--dev": "tenant-a", "tenant-a--sys": "tenant-a"})
     tenancy = TenancySettings(strategies=("pattern",), upstream_template=TEMPLATE)
     tenants, now, before = routing_and_policy_roots(labels, tenancy)
-    assert tenants == {"a": ("tenant-a", "tenant-a--dev", "tenant-a--sys")}
-    assert before == {"a": "tenant-a"}
-    assert now == {"a": None}
+    assert tenants == {"tenant-a": ("tenant-a", "tenant-a--dev", "tenant-a--sys")}
+    assert before == {"tenant-a": "tenant-a"}
+    assert now == {"tenant-a": None}
 
 
 @pytest.mark.parametrize(

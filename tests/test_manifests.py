@@ -1,4 +1,4 @@
-"""router.manifests: rendering, schemas, golden files, plan, and the tenant boundary property.
+"""router.core.policy: rendering, schemas, golden files, plan, and the tenant boundary property.
 
 The property tests evaluate the rendered policies with a tiny evaluator of NetworkPolicy and
 Cilium semantics (below): no rule of any rendered policy may admit a pod of one tenant to or

@@ -1,5 +1,5 @@
-"""router.reconciler against the fake API: live route tables, coalescing, conflicts, metrics,
-outages, and the extension-apiserver-authentication follower."""
+"""router.cluster.routes_loop against the fake API: live route tables, coalescing, conflicts,
+metrics, outages, and the extension-apiserver-authentication follower."""
 
 from __future__ import annotations
 
@@ -64,7 +64,12 @@ def make_routes(
     return ClusterRoutes(api, settings, registry=registry, on_table=tables, backoff=fast_backoff)
 
 
-PATTERN_TPL = TenancySettings(strategies=("pattern",), upstream_template=TPL)
+# The tenants here are the short names ("a" for tenant-a): a custom --tenant-pattern.
+SHORT_NAMES = r"^tenant-(?P<tenant>[a-z0-9]+)(--.+)?$"
+PATTERN = TenancySettings(strategies=("pattern",), tenant_pattern=SHORT_NAMES)
+PATTERN_TPL = TenancySettings(
+    strategies=("pattern",), tenant_pattern=SHORT_NAMES, upstream_template=TPL
+)
 
 
 async def test_namespace_added_and_deleted_live(fake: FakeKube, api: ApiClient) -> None:
@@ -98,7 +103,7 @@ async def test_discovered_services(fake: FakeKube, api: ApiClient) -> None:
     fake.add_service("tenant-a--sys", "keda-operator-metrics-apiserver", KEDA)
     fake.add_service("tenant-b", "web", {"app": "web"})  # not a metrics Service
     tables = Tables()
-    routes = make_routes(api, TenancySettings(strategies=("pattern",)), tables, CollectorRegistry())
+    routes = make_routes(api, PATTERN, tables, CollectorRegistry())
     async with running(routes.run()):
         await asyncio.wait_for(routes.synced.wait(), 2)
         # The very first table is complete: both informers had synced.
@@ -151,7 +156,7 @@ async def test_conflicts_counted_and_logged_once(
     fake.add_service("tenant-a--sys", "keda", KEDA)
     fake.add_service("tenant-a", "keda", KEDA)
     tables, registry = Tables(), CollectorRegistry()
-    routes = make_routes(api, TenancySettings(strategies=("pattern",)), tables, registry)
+    routes = make_routes(api, PATTERN, tables, registry)
 
     def host(ns: str) -> str | None:
         route = tables.latest.lookup(ns)
@@ -223,7 +228,7 @@ async def test_first_table_waits_for_both_informers(fake: FakeKube, api: ApiClie
     fake.add_service("tenant-a", "keda", KEDA)
     fake.fail_next(3)  # the first lists fail, in whatever order the informers ask
     tables = Tables()
-    routes = make_routes(api, TenancySettings(strategies=("pattern",)), tables, CollectorRegistry())
+    routes = make_routes(api, PATTERN, tables, CollectorRegistry())
     async with running(routes.run()):
         await asyncio.wait_for(routes.synced.wait(), 2)
         assert tables.seen[0].lookup("tenant-a") is not None

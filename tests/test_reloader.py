@@ -507,7 +507,7 @@ def test_bad_flags_are_all_reported_without_a_traceback(
         "--grace-period: invalid duration '-3'",
         "--restart-backoff: must be > 0",
         "--env-name: 'WATCH-NAMESPACE'",
-        "--health-bind-address: want HOST:PORT",
+        "--health-bind-address: invalid address 'localhost': want HOST:PORT",
         "--kubeconfig:",
         "--tenant-pattern: the expression needs a named group 'tenant'",
         "one of --tenant or --namespace-selector is required",
@@ -606,7 +606,7 @@ async def test_tenant_namespaces_added_and_removed(
     for name in ("tenant-a", "tenant-b", "kube-system"):
         cluster.fake.add_namespace(name)
     h = harness(fast_settings(reports))
-    await cluster.source(h.reloader, tenant="a", tenancy=TenancySettings())
+    await cluster.source(h.reloader, tenant="tenant-a", tenancy=TenancySettings())
     first = await reports.start_of("tenant-a")
 
     cluster.fake.add_namespace("tenant-a--dev")
@@ -675,7 +675,7 @@ async def test_api_outage_keeps_the_child_running_with_the_last_set(
 ) -> None:
     cluster.fake.add_namespace("tenant-a")
     h = harness(fast_settings(reports))
-    await cluster.source(h.reloader, tenant="a", tenancy=TenancySettings())
+    await cluster.source(h.reloader, tenant="tenant-a", tenancy=TenancySettings())
     first = await reports.start_of("tenant-a")
 
     await cluster.fake.outage()
@@ -703,7 +703,7 @@ async def test_command_line_end_to_end(reports: Reports, cluster: Cluster) -> No
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "router", "reloader",
         "--kubeconfig", str(cluster.fake.kubeconfig),
-        "--tenant", "a",
+        "--tenant", "tenant-a",
         "--debounce", "100ms",
         "--grace-period", "5s",
         "--health-bind-address", "0",

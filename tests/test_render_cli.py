@@ -68,10 +68,43 @@ def test_networkpolicy_kind_without_apiserver_addresses_is_refused(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "kubeAPIServer.cidrs" in captured.err
+    assert "give --kube-apiserver-cidr CIDR" in captured.err
     # The Cilium kind names the apiserver as an entity and needs no addresses.
     assert render("--routes-file", files["routes"], "--kind", "cilium") == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert {d["kind"] for d in docs} == {"CiliumClusterwideNetworkPolicy"}
+
+
+def test_routes_file_and_apiserver_cidr_flags_are_enough(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--routes-file", files["routes"], "--kube-apiserver-cidr", "10.0.0.1",
+            "--kube-apiserver-cidr", "fd00::1/128"]  # fmt: skip
+    assert render(*args) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    cidrs = {
+        block["ipBlock"]["cidr"]
+        for d in docs
+        for rule in d["spec"].get("egress", []) + d["spec"].get("ingress", [])
+        for block in rule.get("to", []) + rule.get("from", [])
+        if "ipBlock" in block
+    }
+    assert {"10.0.0.1/32", "fd00::1/128"} <= cidrs
+    assert render("--routes-file", files["routes"], "--kube-apiserver-cidr", "nonsense") == 2
+    assert "--kube-apiserver-cidr: CIDR 'nonsense': not an IP network" in capsys.readouterr().err
+
+
+def test_no_cluster_configuration_says_what_was_tried_and_what_suffices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert render() == 1
+    err = capsys.readouterr().err
+    assert "tried --kubeconfig (not given), $KUBECONFIG (not set), in-cluster" in err
+    assert f"{tmp_path}/.kube/config (no such file)" in err
+    assert "--routes-file with --kube-apiserver-cidr is enough" in err
 
 
 def test_output_dir_owns_only_its_files(
@@ -151,9 +184,9 @@ def test_apiservice_prints_the_caBundle(tmp_path: Path, capsys: pytest.CaptureFi
     assert doc["kind"] == "APIService"
     assert doc["spec"]["service"] == {"namespace": "mr", "name": "metrics-router", "port": 443}
     assert base64.b64decode(doc["spec"]["caBundle"]) == ca.cert_pem()
-    assert render("apiservice") == 1
+    assert render("apiservice") == 2  # usage errors exit 2
     assert "--ca-file is required" in capsys.readouterr().err
-    assert render("apiservice", "--ca-file", ca_file, "--routes-file", tmp_path / "r") == 1
+    assert render("apiservice", "--ca-file", ca_file, "--routes-file", tmp_path / "r") == 2
     assert "belongs to `render policies`" in capsys.readouterr().err
 
 

@@ -66,8 +66,12 @@ def run_cli(
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, check=False)
 
 
-def assert_clean_failure(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+def assert_clean_failure(
+    proc: subprocess.CompletedProcess[str], *fragments: str, code: int = 1
+) -> None:
+    """Exit ``code`` (2: a usage error found in the flags; 1: a runtime error at start-up)
+    with each fragment on stderr and no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     for fragment in fragments:
         assert fragment in proc.stderr, (fragment, proc.stderr)
@@ -84,6 +88,7 @@ def test_missing_files_are_reported_together(pki: Pki, routes_file: Path, tmp_pa
         proc,
         f"--tls-cert-file: {tmp_path / 'nope.crt'} is not a readable file",
         f"--proxy-client-key-file: {tmp_path / 'nope.key'} is not a readable file",
+        code=2,
     )
 
 
@@ -95,6 +100,7 @@ def test_no_flags_at_all_names_every_required_flag() -> None:
         "--tls-private-key-file is required",
         "--proxy-client-cert-file is required",
         "--proxy-client-key-file is required",
+        code=2,
     )
 
 
@@ -146,7 +152,8 @@ def test_invalid_flag_values_are_reported(pki: Pki, routes_file: Path) -> None:
         run_cli(args),
         "--upstream-timeout: must be > 0",
         "--max-inflight-per-tenant: must be >= 1",
-        "--metrics-bind-address: want HOST:PORT",
+        "--metrics-bind-address: invalid address 'nonsense': want HOST:PORT",
+        code=2,
     )
 
 
@@ -155,7 +162,7 @@ def test_console_script_is_installed(pki: Pki, routes_file: Path, tmp_path: Path
     if not script.exists():
         pytest.skip("console script not installed next to the interpreter")
     args = with_flag(base_args(pki, routes_file), "--tls-cert-file", str(tmp_path / "x"))
-    assert_clean_failure(run_cli(args, cmd=[str(script)]), "--tls-cert-file")
+    assert_clean_failure(run_cli(args, cmd=[str(script)]), "--tls-cert-file", code=2)
 
 
 # --------------------------------------------------------------------------- running

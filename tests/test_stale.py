@@ -521,7 +521,7 @@ def test_service_annotation_sets_the_tenant_duration(
     namespaces = [tenancy.NamespaceInfo("tenant-a"), tenancy.NamespaceInfo("tenant-a--sys")]
     resolution = tenancy.resolve(namespaces, [svc], TenancySettings())
     (tenant,) = resolution.table.tenants
-    assert tenant.name == "a"
+    assert tenant.name == "tenant-a"
     assert tenant.serve_stale_for == want
 
 

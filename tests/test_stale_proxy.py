@@ -272,7 +272,7 @@ async def test_service_annotation_sets_the_tenant_duration(fake: FakeKube, api: 
     routes = ClusterRoutes(api, settings, registry=CollectorRegistry(), on_table=on_table)
 
     def stale_for() -> float | None:
-        tenant = tables[-1].tenant("a") if tables else None
+        tenant = tables[-1].tenant("tenant-a") if tables else None
         return None if tenant is None else tenant.serve_stale_for
 
     async with running(routes.run()):

@@ -41,10 +41,10 @@ LABEL = "tenancy.io/tenant"
 @pytest.mark.parametrize(
     ("strategies", "name", "labels", "expected"),
     [
-        # pattern (the talk's default expression)
-        (("pattern",), "tenant-a", {}, "a"),
-        (("pattern",), "tenant-a--dev", {}, "a"),
-        (("pattern",), "tenant-b42--sys", {}, "b42"),
+        # pattern (default: the tenant is named after its root namespace, as hnc names it)
+        (("pattern",), "tenant-a", {}, "tenant-a"),
+        (("pattern",), "tenant-a--dev", {}, "tenant-a"),
+        (("pattern",), "tenant-b42--sys", {}, "tenant-b42"),
         (("pattern",), "kube-system", {}, None),
         (("pattern",), "tenant-", {}, None),
         (("pattern",), "tenant-A", {}, None),
@@ -55,10 +55,10 @@ LABEL = "tenancy.io/tenant"
         (("label",), "anything", {"other": "x"}, None),
         # first match wins, in the configured order
         (("label", "pattern"), "tenant-a", {LABEL: "blue"}, "blue"),
-        (("pattern", "label"), "tenant-a", {LABEL: "blue"}, "a"),
-        (("label", "pattern"), "tenant-a", {}, "a"),
+        (("pattern", "label"), "tenant-a", {LABEL: "blue"}, "tenant-a"),
+        (("label", "pattern"), "tenant-a", {}, "tenant-a"),
         (("hnc", "label", "pattern"), "tenant-c", {LABEL: "blue"}, "blue"),
-        (("hnc", "pattern"), "tenant-c", {}, "c"),
+        (("hnc", "pattern"), "tenant-c", {}, "tenant-c"),
         ((), "tenant-a", {LABEL: "blue"}, None),
     ],
 )
@@ -73,7 +73,7 @@ def test_strategies(
 def test_label_strategy_without_label_key_is_skipped() -> None:
     settings = TenancySettings(strategies=("label", "pattern"), tenant_label=None)
     ns = NamespaceInfo("tenant-z", {LABEL: "blue"})
-    assert tenant_of(ns, {}, settings) == "z"
+    assert tenant_of(ns, {}, settings) == "tenant-z"
 
 
 def test_custom_pattern() -> None:
@@ -115,7 +115,7 @@ def test_hnc_unknown_root_falls_through_to_next_strategy() -> None:
     # The root is hidden (e.g. by --namespace-selector): hnc gives no answer, pattern does.
     dev = hnc("tenant-q--dev", {"tenant-q": 1})
     settings = TenancySettings(strategies=("hnc", "pattern"))
-    assert tenant_of(dev, by_name(dev), settings) == "q"
+    assert tenant_of(dev, by_name(dev), settings) == "tenant-q"
 
 
 def test_hnc_nested_roots_topmost_wins_and_conflict_is_reported() -> None:
@@ -151,9 +151,9 @@ def test_template_upstream() -> None:
     res = resolve([NamespaceInfo("tenant-a"), NamespaceInfo("tenant-a--dev")], [ignored], settings)
     route = res.table.lookup("tenant-a--dev")
     assert route is not None
-    assert route.tenant == "a"
-    assert route.upstream.url == "https://keda-operator-metrics-apiserver.a--sys.svc:443"
-    assert route.upstream.tls_name == "keda-operator-metrics-apiserver.a--sys.svc"
+    assert route.tenant == "tenant-a"
+    assert route.upstream.url == "https://keda-operator-metrics-apiserver.tenant-a--sys.svc:443"
+    assert route.upstream.tls_name == "keda-operator-metrics-apiserver.tenant-a--sys.svc"
     assert res.unrouted == {}
 
 
@@ -180,8 +180,8 @@ def test_discovered_service_upstream() -> None:
     assert res.table.lookup("tenant-a--sys") == route
     # tenant b has no Service: known, but not routed
     assert res.table.lookup("tenant-b") is None
-    assert res.tenants["b"] == ("tenant-b",)
-    assert "no metrics Service" in res.unrouted["b"]
+    assert res.tenants["tenant-b"] == ("tenant-b",)
+    assert "no metrics Service" in res.unrouted["tenant-b"]
 
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_service_port_choice(ports: tuple[tuple[str | None, int], ...], expected
 def test_service_without_ports_leaves_tenant_unrouted() -> None:
     res = resolve([NamespaceInfo("tenant-a")], [ServiceInfo("tenant-a", "m", KEDA, ())], PATTERN)
     assert res.table.lookup("tenant-a") is None
-    assert "no ports" in res.unrouted["a"]
+    assert "no ports" in res.unrouted["tenant-a"]
 
 
 def test_two_services_for_one_tenant_first_by_namespace_and_name_wins() -> None:
@@ -219,7 +219,7 @@ def test_two_services_for_one_tenant_first_by_namespace_and_name_wins() -> None:
         assert route.upstream.host == "aa.tenant-a.svc"
         (conflict,) = res.conflicts
         assert conflict.kind == "service"
-        assert conflict.subject == "a"
+        assert conflict.subject == "tenant-a"
         assert conflict.chosen == "tenant-a/aa"
         assert conflict.rejected == ("tenant-a/zz", "tenant-a--sys/keda")
 
@@ -254,7 +254,9 @@ def test_resolution_is_deterministic_in_input_order() -> None:
         rng.shuffle(svcs)
         again = resolve(nss, svcs, PATTERN)
         assert again == first
-    assert first.tenants["c"] == tuple(sorted(["tenant-c", *(f"tenant-c--{i}" for i in range(5))]))
+    assert first.tenants["tenant-c"] == tuple(
+        sorted(["tenant-c", *(f"tenant-c--{i}" for i in range(5))])
+    )
     assert len(first.conflicts) == 5
 
 

@@ -32,7 +32,6 @@ from typing import Any
 
 import aiohttp
 from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 
 logger = logging.getLogger(__name__)
 
@@ -121,22 +120,14 @@ def _retry_after(value: str | None) -> float | None:
 
 
 async def api_client(kubeconfig: Path | None) -> ApiClient:
-    """An ApiClient from the kubeconfig file, else from the in-cluster service account."""
+    """An ApiClient from the kubeconfig file, $KUBECONFIG, in-cluster, or ~/.kube/config."""
+    from router import kubeconfig as kubeconfig_loader
+
     configuration = Configuration()
-    try:
-        if kubeconfig is not None:
-            await load_kube_config(
-                config_file=str(kubeconfig),
-                client_configuration=configuration,
-                persist_config=False,
-            )
-        else:
-            load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except (ConfigException, OSError, ValueError, KeyError, TypeError) as exc:
-        where = str(kubeconfig) if kubeconfig is not None else "in-cluster service account"
-        raise KubeConfigError(
-            f"cannot load Kubernetes client configuration ({where}): {exc}"
-        ) from exc
+    try:  # --kubeconfig, $KUBECONFIG, in-cluster, ~/.kube/config: as kubectl finds it
+        await kubeconfig_loader.load(configuration, kubeconfig)
+    except kubeconfig_loader.LoadError as exc:
+        raise KubeConfigError(str(exc)) from exc
     client = ApiClient(configuration=configuration)
     client.user_agent = USER_AGENT
     return client

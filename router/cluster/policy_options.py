@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from pathlib import Path
 
 from router.cluster.lease import default_identity
@@ -18,25 +17,10 @@ from router.core.policy import (
     PolicyConfig,
     parse_policy_config,
 )
+from router.options import parse_duration
 from router.settings import LeaderElectionSettings
 
 logger = logging.getLogger(__name__)
-
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from "90", "90s", "5m", "1h30m", "1.5s" (Go duration style, h/m/s units)."""
-    value = text.strip()
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    m = _DURATION.match(value)
-    if not value or m is None or not any(m.groups()):
-        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 5m, 1h)")
-    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + s
 
 
 def _bool(text: str) -> bool:

@@ -37,7 +37,12 @@ carry `tenancy.metrics-router.io/tenant: <tenant>`; the router's base policy car
 ever deletes objects that carry the ownership label.
 """
 
-from router.core.policy.config import is_label_key, merge_event_sources, parse_policy_config
+from router.core.policy.config import (
+    is_label_key,
+    merge_event_sources,
+    parse_cidr,
+    parse_policy_config,
+)
 from router.core.policy.model import (
     ANNOTATION_EGRESS_CIDRS,
     ANNOTATION_EGRESS_FQDNS,
@@ -97,6 +102,7 @@ __all__ = [
     "key_of",
     "merge_event_sources",
     "object_name",
+    "parse_cidr",
     "parse_policy_config",
     "plan",
     "render",
