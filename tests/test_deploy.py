@@ -49,6 +49,7 @@ KUSTOMIZATIONS = (
     "upstream-ca",
     "monitoring",
     "overlays/managed-policies",
+    "overlays/doctor",
     "hnc/tenant-a",
 )
 
@@ -494,6 +495,34 @@ def test_managed_policies_overlay_adds_flag_and_only_policy_writes() -> None:
     for rule in role["rules"]:
         assert set(rule["verbs"]) == {"get", "list", "watch", "create", "patch", "delete"}
     binding = one(objs, "ClusterRoleBinding", "metrics-router-network-policies")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "metrics-router", "namespace": "metrics-router"}
+    ]
+
+
+@needs_kubectl
+def test_doctor_overlay_grants_reads_only_and_leaves_the_router_unchanged() -> None:
+    base = rendered("router")
+    objs = rendered("overlays/doctor")
+    assert container(one(objs, "Deployment", "metrics-router")) == container(
+        one(base, "Deployment", "metrics-router")
+    )
+    role = one(objs, "ClusterRole", "metrics-router-doctor")
+    granted = {
+        (g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    # what router/doctor/gather.py reads: checks 1, 4, 6 and 7
+    assert granted == {
+        ("apiregistration.k8s.io", "apiservices"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("apps", "deployments"),
+        ("networking.k8s.io", "networkpolicies"),
+        ("cilium.io", "ciliumclusterwidenetworkpolicies"),
+    }
+    for rule in role["rules"]:
+        assert set(rule["verbs"]) <= {"get", "list"}, rule
+    binding = one(objs, "ClusterRoleBinding", "metrics-router-doctor")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "metrics-router", "namespace": "metrics-router"}
     ]
