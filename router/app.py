@@ -27,7 +27,7 @@ from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
 from router.proxy import IdentityHeaders, Proxy, ProxyServer
 from router.routes import RoutesError, RouteTable, Upstream, parse_routes_file
-from router.upstream import UpstreamClient
+from router.http.client import UpstreamClient
 
 logger = logging.getLogger(__name__)
 

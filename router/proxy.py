@@ -37,7 +37,7 @@ from router.config import RequestHeaderSettings
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
 from router.routes import Upstream
-from router.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+from router.http.client import UpstreamClient, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
