@@ -23,11 +23,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from router import tlsfiles
 from router.config import RequestHeaderSettings, ServeConfig
+from router.http.client import UpstreamClient
+from router.http.server import ProxyServer
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
-from router.proxy import IdentityHeaders, Proxy, ProxyServer
+from router.proxy import IdentityHeaders, Proxy
 from router.routes import RoutesError, RouteTable, Upstream, parse_routes_file
-from router.http.client import UpstreamClient
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class Router:
             timeout=cfg.upstream_timeout,
             connect_timeout=cfg.upstream_connect_timeout,
             max_idle_per_upstream=cfg.max_idle_connections_per_upstream,
+            limits=cfg.limits,
         )
         serving = self._serving
         proxy = Proxy(
@@ -132,8 +134,14 @@ class Router:
             resumed_peer_ok=tlsfiles.ResumedPeerVerifier(
                 lambda: serving.loaded_bytes("requestheader-ca")
             ),
+            access_log=cfg.limits.access_log,
         )
-        self._server = ProxyServer(proxy)
+        self._server = ProxyServer(
+            proxy,
+            self.metrics,
+            limits=cfg.limits,
+            access_log=proxy.log_access if cfg.limits.access_log else None,
+        )
         try:
             await self._server.start(
                 cfg.bind_address,
