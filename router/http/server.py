@@ -178,9 +178,11 @@ class _ServerConnection(asyncio.Protocol):
         "_early",
         "_expect",
         "_failed",
+        "_handshaking",
         "_has_body",
         "_header_bytes",
         "_headers",
+        "_hello",
         "_in_body",
         "_in_head",
         "_limits",
@@ -224,6 +226,10 @@ class _ServerConnection(asyncio.Protocol):
         self._write_paused = False
         self._cn: str | None = None
         self._early: list[bytes] | None = []  # data the TLS layer delivered before tls_ready
+        # uvloop starts reading after connection_made whatever it asked: the ClientHello can
+        # reach this protocol before start_tls takes the transport over. Kept, then fed to TLS.
+        self._hello = b""
+        self._handshaking = False
         self._failed = False  # nothing more is read from this connection
         self.peer: Any = None
         self.phase = "handshake"
@@ -241,7 +247,7 @@ class _ServerConnection(asyncio.Protocol):
             return
         self._raw = raw
         self.peer = raw.get_extra_info("peername")
-        raw.pause_reading()  # start_tls resumes it once the TLS layer is in place
+        raw.pause_reading()  # start_tls resumes it once the TLS layer is in place (asyncio)
         server.connections.add(self)
         self.deadline = self._loop.time() + self._limits.tls_handshake_timeout
         server.handshake(self, raw)
@@ -265,6 +271,11 @@ class _ServerConnection(asyncio.Protocol):
         self._server.forget(self)
 
     def data_received(self, data: bytes) -> None:
+        if not self._handshaking:
+            self._hello += data
+            if len(self._hello) > 65536:
+                self.abort()
+            return
         if self._early is not None:
             # The TLS layer delivers what arrived with the handshake's end before start_tls
             # returns (at most one read): kept for tls_ready, bounded like a request head.
@@ -568,6 +579,23 @@ class _ServerConnection(asyncio.Protocol):
                 transport.abort()
 
 
+def _feed(raw: asyncio.Transport, data: bytes) -> None:
+    """Hand bytes read before start_tls to the TLS protocol that now owns the transport."""
+    if raw.is_closing():
+        return
+    protocol: Any = raw.get_protocol()
+    if hasattr(protocol, "buffer_updated"):
+        view = memoryview(data)
+        while view:
+            buf = protocol.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            protocol.buffer_updated(n)
+            view = view[n:]
+    else:
+        protocol.data_received(data)
+
+
 AccessLog = Callable[[str, bytes, Sequence[tuple[bytes, bytes]], Reply, float, Any], None]
 
 
@@ -630,6 +658,12 @@ class ProxyServer:
     async def _handshake(self, conn: _ServerConnection, raw: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
         assert self._ssl_context is not None
+        started = loop.time()
+        conn._handshaking = True
+        if conn._hello:
+            # After start_tls has given the transport to its TLS protocol and connected it.
+            loop.call_soon(loop.call_soon, _feed, raw, conn._hello)
+            conn._hello = b""
         try:
             tls = await loop.start_tls(
                 raw,
@@ -645,6 +679,10 @@ class ProxyServer:
         except Exception as exc:  # any failure ends this connection, never the server
             raw.abort()
             self.forget(conn)
+            if loop.time() - started >= 0.9 * self.limits.tls_handshake_timeout and not isinstance(
+                exc, ssl.SSLError
+            ):
+                exc = TimeoutError("TLS handshake timed out")  # asyncio aborts with its own
             self._handshake_failed(exc, conn.peer)
             return
         if tls is None or tls.is_closing():
