@@ -194,6 +194,29 @@ async def test_other_http_versions_are_refused_never_forwarded(
     assert h.seen_total() == 0
 
 
+@pytest.mark.parametrize(
+    ("framing", "code"),
+    [
+        ([("Transfer-Encoding", "chunked"), ("Content-Length", "3")], 400),
+        ([("Content-Length", "3"), ("Transfer-Encoding", "chunked")], 400),
+        ([("Transfer-Encoding", "gzip, chunked")], 501),
+        ([("Transfer-Encoding", "identity")], 501),
+    ],
+    ids=["te-cl", "cl-te", "gzip-chunked", "identity"],
+)
+async def test_smuggling_framings_are_refused_and_the_connection_closed(
+    start_router: StartRouter, framing: list[tuple[str, str]], code: int
+) -> None:
+    h = await start_router({"a": ["tenant-a"]})
+    conn = await h.connect()
+    smuggled = build_request(metric_path("tenant-a"), HPA_IDENTITY)
+    data = build_request(metric_path("tenant-a"), [*HPA_IDENTITY, *framing])
+    reply = await conn.send(data + b"3\r\nabc\r\n0\r\n\r\n" + smuggled)
+    assert reply.status == code
+    assert await rest_of_connection(conn) == b""
+    assert h.seen_total() == 0
+
+
 async def test_expect_100_continue_with_a_body_gets_a_final_answer(
     start_router: StartRouter,
 ) -> None:

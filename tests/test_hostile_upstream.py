@@ -206,8 +206,16 @@ class _RefusingServer:
     def _serve(self) -> None:
         with contextlib.suppress(OSError):
             conn, _ = self._sock.accept()
-            with contextlib.suppress(OSError), self._ctx.wrap_socket(conn, server_side=True):
-                pass
+            tls = self._ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            with contextlib.suppress(OSError):
+                tls.do_handshake()
+            # Read what the client sent (raw bytes) before closing, so that the close is no
+            # reset that could overtake the alert.
+            tls.settimeout(5.0)
+            with contextlib.suppress(OSError):
+                while socket.socket.recv(tls, 65536):
+                    pass
+            tls.close()
 
     def close(self) -> None:
         self._sock.close()

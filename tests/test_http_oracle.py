@@ -6,10 +6,13 @@ tenant a's stub answers what is forwarded. The properties:
 
 - what h11 refuses, the router never forwards (smuggling and framing tricks die at the door);
 - what h11 accepts as one complete HTTP/1.1 or HTTP/1.0 request, the router forwards too (it is
-  not stricter than the RFC), with two deliberate exceptions the RFC allows either way: lines
-  ending in a bare LF (RFC 9112 §2.2) and obs-fold continuation lines (§5.2), which h11
-  tolerates and the router refuses (400), as llhttp's strict mode does (the aggregator sends
-  neither);
+  not stricter than the RFC), with three deliberate exceptions the RFC allows either way:
+  lines ending in a bare LF (RFC 9112 §2.2), obs-fold continuation lines (§5.2) and repeated
+  identical Content-Length fields (§6.3), which h11 tolerates and the router refuses (400), as
+  llhttp's strict mode does (the aggregator sends none of them); h11 lets a DEL (0x7f)
+  through in a field value, which is a control character the router refuses; and a head with
+  both Transfer-Encoding and Content-Length, which h11 frames by the former and the router
+  refuses outright (RFC 9112 §6.1 allows either; refusing closes the smuggling door);
 - any other HTTP version is refused (505 or 400), whatever h11 thinks of it.
 """
 
@@ -209,7 +212,11 @@ def test_router_parsing_agrees_with_h11(router: ThreadedRouter, data: bytes) -> 
     head = data.split(b"\r\n\r\n", 1)[0]
     bare_lf = b"\n" in data.replace(b"\r\n", b"")
     obs_fold = b"\n " in head or b"\n\t" in head
-    if bare_lf or obs_fold:
+    repeated_length = head.lower().count(b"\ncontent-length:") > 1
+    control = b"\x7f" in head
+    lower = head.lower()
+    both = b"\ncontent-length:" in lower and b"\ntransfer-encoding:" in lower
+    if bare_lf or obs_fold or repeated_length or control or both:
         assert not forwarded, (data, status)
     elif not version_ok:
         assert not forwarded, (data, status)

@@ -21,9 +21,12 @@ A connection, phase by phase (each phase has one deadline, checked by one sweepe
 
 A connection without a verified client certificate gets one answer (health, or 401) right
 after its request head and is then closed: its deadline stays the one its head had, so it
-never outlives the handshake and head deadlines. ``Expect: 100-continue`` with a body is
-answered at once with the final answer (RFC 9110 §10.1.1) and the connection closed, as is an
-upgrade request (CONNECT, ``Upgrade``): nothing after them is read.
+never outlives the handshake and head deadlines. A request with ``Expect: 100-continue`` gets
+its final answer at once, without 100 Continue (RFC 9110 §10.1.1; any other expectation: 417),
+and the connection is closed after it, as after an upgrade request (CONNECT, ``Upgrade``):
+nothing after them is read. Deadlines use a clock the sweeper advances (no clock read per
+request), so they are as precise as the sweep interval (a quarter of the shortest timeout, at
+most 1 s).
 """
 
 from __future__ import annotations
@@ -153,14 +156,11 @@ class _Request:
 
 
 _INF = math.inf
+_CONTENT_LENGTH, _CHUNKED, _OTHER_CODING = 1, 2, 4
 
 
 class _StopParsingError(Exception):
     """Raised from a parser callback: nothing more of this connection is parsed."""
-
-
-# Header names the server itself looks at, by length (a cheap test before lower()).
-_WATCHED_LENGTHS = frozenset({6, 14, 17})
 
 
 class _ServerConnection(asyncio.Protocol):
@@ -178,11 +178,12 @@ class _ServerConnection(asyncio.Protocol):
         "_early",
         "_expect",
         "_failed",
+        "_framing",
         "_handshaking",
-        "_has_body",
         "_header_bytes",
         "_headers",
         "_hello",
+        "_http10",
         "_in_body",
         "_in_head",
         "_limits",
@@ -214,7 +215,8 @@ class _ServerConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._body_bytes = 0
-        self._has_body = False
+        self._http10 = False
+        self._framing = 0  # _CONTENT_LENGTH | _CHUNKED | _OTHER_CODING seen in the head
         self._expect: bytes | None = None
         self._in_head = False  # between the start of a request and the end of its headers
         self._in_body = False  # between the end of a request's headers and its end
@@ -331,13 +333,13 @@ class _ServerConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
-        self._has_body = False
         self._expect = None
+        self._framing = 0
         self._in_head = True
         if self._cn is not None:
             # A peer without a verified certificate keeps the deadline of its first head.
             self.phase = "head"
-            self.deadline = self._loop.time() + self._limits.read_header_timeout
+            self.deadline = self._server.now + self._limits.read_header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -352,20 +354,23 @@ class _ServerConnection(asyncio.Protocol):
         self._header_bytes += size
         if size > MAX_HEADER_LINE or self._header_bytes > self._limits.max_header_bytes:
             raise httptools.HttpParserError("request headers too large")
-        if len(name) in _WATCHED_LENGTHS:
+        n = len(name)
+        if n == 6 or n == 14 or n == 17:
             lname = name.lower()
-            if lname == b"content-length":
-                self._has_body = value.strip() != b"0"
-            elif lname == b"transfer-encoding":
-                self._has_body = True
-            elif lname == b"expect":
+            if lname == b"expect":
                 self._expect = value
+            elif lname == b"content-length":
+                self._framing |= _CONTENT_LENGTH
+            elif lname == b"transfer-encoding":
+                # Only "chunked" is spoken (as Go's net/http and h11): any other coding is 501.
+                chunked = value.strip().lower() == b"chunked"
+                self._framing |= _CHUNKED if chunked else _OTHER_CODING
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        parser = self._parser
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
+        version = self._parser.get_http_version()
+        self._http10 = version == "1.0"
+        if version != "1.1" and not self._http10:
             self._answer_at_head(
                 status_reply(
                     status.StatusError(
@@ -375,6 +380,16 @@ class _ServerConnection(asyncio.Protocol):
                     )
                 )
             )
+        elif self._framing and self._framing != _CHUNKED and self._framing != _CONTENT_LENGTH:
+            # Both Content-Length and Transfer-Encoding (a smuggling attempt: RFC 9112 §6.1),
+            # or a transfer coding other than chunked.
+            code, message = (
+                (501, "unsupported Transfer-Encoding")
+                if self._framing & _OTHER_CODING
+                else (400, "both Content-Length and Transfer-Encoding")
+            )
+            reason = "BadRequest" if code == 400 else "NotImplemented"
+            self._answer_at_head(status_reply(status.StatusError(code, reason, message)))
         elif self._cn is None:
             # Unverified: one answer (health or 401) now, then close; the body is never read.
             self._answer_at_head(None)
@@ -382,19 +397,17 @@ class _ServerConnection(asyncio.Protocol):
             if self._expect.strip().lower() != b"100-continue":
                 err = status.StatusError(417, "BadRequest", "unsupported Expect header")
                 self._answer_at_head(status_reply(err))
-            elif self._has_body:
+            else:
                 # RFC 9110 §10.1.1: a final answer instead of 100 Continue; the body is never
                 # read, so the connection closes after it.
                 self._answer_at_head(None)
         if self._failed:
             raise _StopParsingError  # the answer is queued: parse nothing after this head
-        if self._has_body:
-            self._in_body = True
-            self._body_bytes = 0
-            self.phase = "body"
-            self.deadline = self._loop.time() + self._limits.read_timeout
-        else:
-            self.deadline = _INF
+        # The body phase (ended at once by on_message_complete when there is no body).
+        self._in_body = True
+        self._body_bytes = 0
+        self.phase = "body"
+        self.deadline = self._server.now + self._limits.read_timeout
 
     def on_message_complete(self) -> None:
         if self._failed:
@@ -408,7 +421,7 @@ class _ServerConnection(asyncio.Protocol):
             target=self._url,
             headers=self._headers,
             keep_alive=parser.should_keep_alive() and not upgrade,
-            http10=parser.get_http_version() == "1.0",
+            http10=self._http10,
         )
         if self._server.access_log is not None:
             request.started = self._loop.time()
@@ -429,7 +442,7 @@ class _ServerConnection(asyncio.Protocol):
             target=self._url,
             headers=self._headers,
             keep_alive=False,
-            http10=parser.get_http_version() == "1.0",
+            http10=self._http10,
             error=error,
         )
         if error is not None:
@@ -477,7 +490,7 @@ class _ServerConnection(asyncio.Protocol):
                 handler.forward(outcome, self._answer_forwarded)
         if not pending and not self._busy and not self._failed and self._transport is not None:
             self.phase = "idle"
-            self.deadline = self._loop.time() + self._limits.idle_timeout
+            self.deadline = self._server.now + self._limits.idle_timeout
 
     def _answer_forwarded(self, reply: Reply) -> None:
         self._busy = False
@@ -616,6 +629,9 @@ class ProxyServer:
         self.limits = limits or Limits()
         self.access_log = access_log
         self.connections: set[_ServerConnection] = set()
+        # A coarse clock for the connections' deadlines, advanced by the sweeper: no clock
+        # read per request (deadlines are as precise as the sweep interval anyway).
+        self.now = 0.0
         self.closing = False
         self.date = _DateHeader()
         self.port = 0
@@ -648,6 +664,7 @@ class ProxyServer:
             backlog=backlog,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self.now = loop.time()
         self._sweeper = asyncio.create_task(self._sweep(), name="connection-deadlines")
 
     def handshake(self, conn: _ServerConnection, raw: asyncio.Transport) -> None:
@@ -722,7 +739,7 @@ class ProxyServer:
         interval = max(min(shortest / 4, 1.0), 0.02)
         while True:
             await asyncio.sleep(interval)
-            now = loop.time()
+            now = self.now = loop.time()
             for conn in [c for c in self.connections if c.deadline < now or c.write_deadline < now]:
                 conn.expire(now)
 
