@@ -269,7 +269,7 @@ def router_server_kind(port: int) -> str:
     server = re.search(r"(?im)^server: *(.*)$", head)
     if server and "aiohttp" in server.group(1):
         return f"aiohttp web.Server ({server.group(1).strip()})"
-    return "router.proxy.ProxyServer (asyncio protocol, httptools)"
+    return "router.http.server.ProxyServer (asyncio protocol, httptools)"
 
 
 def git_revision() -> str:
