@@ -9,8 +9,8 @@ tenant a's stub answers what is forwarded. The properties:
   not stricter than the RFC), with three deliberate exceptions the RFC allows either way:
   lines ending in a bare LF (RFC 9112 §2.2), obs-fold continuation lines (§5.2) and repeated
   identical Content-Length fields (§6.3), which h11 tolerates and the router refuses (400), as
-  llhttp's strict mode does (the aggregator sends none of them); h11 lets a DEL (0x7f)
-  through in a field value, which is a control character the router refuses; and a head with
+  llhttp's strict mode does (the aggregator sends none of them); h11 lets control characters
+  (0x01-0x08, 0x0b-0x1f, 0x7f) through in a field value, which the router refuses; and a head with
   both Transfer-Encoding and Content-Length, which h11 frames by the former and the router
   refuses outright (RFC 9112 §6.1 allows either; refusing closes the smuggling door);
 - any other HTTP version is refused (505 or 400), whatever h11 thinks of it.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import threading
@@ -91,15 +92,17 @@ def router(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Threa
 
 
 def exchange(router: ThreadedRouter, data: bytes) -> int | None:
-    """The status of the router's first answer (None: closed without one, or no answer)."""
+    """The status of the router's first answer (None: closed without one)."""
+    received = b""
     with (
         socket.create_connection(("127.0.0.1", router.port), timeout=5) as raw,
         router.ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s,
     ):
-        s.sendall(data)
-        s.settimeout(5)
-        received = b""
-        with contextlib.suppress(OSError):
+        # The router may answer and close before it has read everything (a refusal): the
+        # send or the read then fails, and what arrived is what counts.
+        with contextlib.suppress(OSError, ValueError):
+            s.sendall(data)
+        with contextlib.suppress(OSError, ValueError):
             while b"\r\n" not in received and (chunk := s.recv(65536)):
                 received += chunk
     if not received.startswith(b"HTTP/1.1 "):
@@ -193,8 +196,9 @@ def requests(draw: st.DrawFn) -> bytes:
     return head.encode("latin-1") + draw(BODY)
 
 
+@pytest.mark.timeout(900)  # ORACLE_EXAMPLES=2000 for a longer search
 @settings(
-    max_examples=150,
+    max_examples=int(os.environ.get("ORACLE_EXAMPLES", "150")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -213,7 +217,7 @@ def test_router_parsing_agrees_with_h11(router: ThreadedRouter, data: bytes) -> 
     bare_lf = b"\n" in data.replace(b"\r\n", b"")
     obs_fold = b"\n " in head or b"\n\t" in head
     repeated_length = head.lower().count(b"\ncontent-length:") > 1
-    control = b"\x7f" in head
+    control = any((b < 0x20 and b not in (9, 10, 13)) or b == 0x7F for b in head)
     lower = head.lower()
     both = b"\ncontent-length:" in lower and b"\ntransfer-encoding:" in lower
     if bare_lf or obs_fold or repeated_length or control or both:
