@@ -122,6 +122,7 @@ class Router:
             connect_timeout=cfg.upstream_connect_timeout,
             max_idle_per_upstream=cfg.max_idle_connections_per_upstream,
             limits=cfg.limits,
+            own_certificate_expiry=lambda: client_tls.expiry.get("proxy-client"),
         )
         serving = self._serving
         proxy = Proxy(

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import socket
 import ssl
 import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from router.certs import Pki
+from router.certs import ROUTER_CLIENT_CN, CertAndKey, Pki, issue_cert
 from tests.conftest import (
     HPA_IDENTITY,
     StartRouter,
     metric_path,
     raw_tls_upstream,
     start_with_upstream,
+    wait_until,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
@@ -250,3 +254,73 @@ async def test_an_upstream_refusing_the_router_certificate_is_classified(
         )
     finally:
         await asyncio.to_thread(server.close)
+
+
+# ------------------------------------------------------------- upstream TLS failures, by cause
+
+
+def _upstream_pair(pki: Pki, directory: Path, name: str, **kwargs: Any) -> tuple[Path, Path]:
+    ca = CertAndKey.load(pki.upstream_ca, pki.upstream_ca_key)
+    pair = issue_cert(ca, name, server=True, **kwargs)
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    pair.write(cert, key)
+    return cert, key
+
+
+@pytest.mark.parametrize("cause", ["expired-certificate", "hostname-mismatch"])
+async def test_upstream_certificate_failures_are_classified(
+    start_router: StartRouter, pki: Pki, tmp_path: Path, cause: str
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    if cause == "expired-certificate":
+        cert, key = _upstream_pair(
+            pki, tmp_path, "127.0.0.1", ip_addresses=["127.0.0.1"],
+            not_before=now - datetime.timedelta(days=2), not_after=now - datetime.timedelta(days=1),
+        )  # fmt: skip
+    else:
+        cert, key = _upstream_pair(pki, tmp_path, "elsewhere", dns_names=["elsewhere.example"])
+    h = await start_router(
+        {"a": ["tenant-a"], "b": ["tenant-b"]},
+        stub_kwargs={"a": {"cert_file": cert, "key_file": key}},
+    )
+    reply = await h.request(metric_path("tenant-a"))
+    assert reply.status == 502
+    assert_no_internals(reply.body, h.stubs["a"].url)
+    assert await h.sample("metrics_router_upstream_errors_total", {"tenant": "a", "kind": "tls"})
+    assert await h.sample(
+        "metrics_router_upstream_tls_errors_total", {"tenant": "a", "cause": cause}
+    )
+
+
+async def test_an_expired_router_client_certificate_is_named_as_the_cause(
+    start_router: StartRouter, pki: Pki, tmp_path: Path
+) -> None:
+    # The router's own client certificate expires while it runs; the upstream (an asyncio
+    # server, whose refusal alert is lost when it aborts) just closes the new connection.
+    ca = CertAndKey.load(pki.router_client_ca, pki.router_client_ca_key)
+    now = datetime.datetime.now(datetime.UTC)
+    expiry = now + datetime.timedelta(seconds=2)
+    pair = issue_cert(
+        ca,
+        ROUTER_CLIENT_CN,
+        client=True,
+        not_before=now - datetime.timedelta(hours=1),
+        not_after=expiry,
+    )
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    pair.write(cert, key)
+    h = await start_router(
+        {"a": ["tenant-a"], "b": ["tenant-b"]},
+        extra_args=["--proxy-client-cert-file", str(cert), "--proxy-client-key-file", str(key)],
+    )
+    # Wait for the clock, not for the router: the certificate expires at a known time.
+    await wait_until(lambda: datetime.datetime.now(datetime.UTC) > expiry, within=10)
+    reply = await h.request(metric_path("tenant-a"))
+    assert reply.status == 502
+    assert reply.json()["message"] == (
+        "tenant 'a' metrics server refused the router's client certificate"
+    )
+    assert await h.sample(
+        "metrics_router_upstream_tls_errors_total",
+        {"tenant": "a", "cause": "client-certificate-rejected"},
+    )

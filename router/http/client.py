@@ -34,6 +34,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import httptools
 
@@ -176,6 +177,10 @@ class _Connection(asyncio.Protocol):
             # In TLS 1.3 an upstream refusing the router's client certificate says so (an
             # alert) on the first read, after the handshake.
             self._complete(_tls_error(f"upstream TLS error: {exc}", exc))
+        elif not self.reused and not self.saw_bytes:
+            # A fresh connection closed before any answer: with TLS 1.3 this is how an upstream
+            # that refuses the router's client certificate looks when its alert is lost.
+            self._complete(self._client.closed_fresh_error(exc))
         else:
             detail = f": {exc}" if exc else ""
             self._complete(UpstreamError("protocol", f"upstream closed the connection{detail}"))
@@ -308,8 +313,10 @@ class UpstreamClient:
         connect_timeout: float,
         max_idle_per_upstream: int = 32,
         limits: Limits | None = None,
+        own_certificate_expiry: Callable[[], datetime | None] | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        self._own_expiry = own_certificate_expiry
         self._ssl_context = ssl_context
         self._timeout = timeout
         self._connect_timeout = connect_timeout
@@ -355,6 +362,24 @@ class UpstreamClient:
     def timeout(self) -> float:
         """Seconds an upstream request may take (--upstream-timeout)."""
         return self._timeout
+
+    def closed_fresh_error(self, exc: Exception | None) -> UpstreamError:
+        """The error for a fresh connection the upstream closed before answering: TLS, client
+        certificate rejected, when the router's own client certificate has expired."""
+        detail = f": {exc}" if exc else ""
+        expiry = self._own_expiry() if self._own_expiry is not None else None
+        if expiry is not None and expiry <= datetime.now(UTC):
+            return UpstreamError(
+                "tls",
+                f"upstream closed a new connection before answering{detail}; the router's "
+                f"client certificate expired at {expiry.isoformat()}",
+                "client-certificate-rejected",
+            )
+        return UpstreamError(
+            "protocol",
+            f"upstream closed a new connection before answering{detail} (does it trust the "
+            "router's client certificate?)",
+        )
 
     def timeout_error(self, upstream: Upstream) -> UpstreamError:
         return UpstreamError(
