@@ -92,6 +92,8 @@ class _Connection(asyncio.Protocol):
         "_headers_done",
         "_limits",
         "_loop",
+        "_max_body_bytes",
+        "_max_header_bytes",
         "_parser",
         "_surplus",
         "_timer",
@@ -118,6 +120,8 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._headers_done = False
         self._limits = client.limits
+        self._max_header_bytes = client.limits.max_response_header_bytes
+        self._max_body_bytes = client.limits.max_response_bytes
         self._header_bytes = 0
         self._body_bytes = 0
         self._done = False  # the final response ended (within the bytes fed so far)
@@ -146,7 +150,7 @@ class _Connection(asyncio.Protocol):
         if not self._headers_done:
             # A header line without its end is buffered by the parser: bound it here.
             self._header_bytes += len(data)
-            if self._header_bytes > self._limits.max_response_header_bytes:
+            if self._header_bytes > self._max_header_bytes:
                 self._fail_too_large("response headers")
                 return
         try:
@@ -206,7 +210,7 @@ class _Connection(asyncio.Protocol):
         if self._done:
             return
         self._body_bytes += len(body)
-        if self._body_bytes > self._limits.max_response_bytes:
+        if self._body_bytes > self._max_body_bytes:
             self._too_large = "response body"
             raise _TooLargeError
         self._body.append(body)

@@ -157,6 +157,20 @@ class _Request:
 
 _INF = math.inf
 _CONTENT_LENGTH, _CHUNKED, _OTHER_CODING = 1, 2, 4
+# Header names the server acts on (expect, content-length, transfer-encoding), by length and
+# first byte: one cheap test per header before any lower().
+_WATCHED_LENGTHS = frozenset({6, 14, 17})
+_WATCHED_FIRST = b"EeCcTt"
+
+
+class _Discard(list[tuple[bytes, bytes]]):
+    """Where trailer fields go: nowhere."""
+
+    def append(self, item: tuple[bytes, bytes]) -> None:
+        pass
+
+
+_TRAILERS = _Discard()
 
 
 class _StopParsingError(Exception):
@@ -188,12 +202,14 @@ class _ServerConnection(asyncio.Protocol):
         "_in_head",
         "_limits",
         "_loop",
+        "_max_header_bytes",
         "_parser",
         "_pending",
         "_raw",
         "_read_paused_by_queue",
         "_read_paused_by_writes",
         "_reading_paused",
+        "_request_headers",
         "_server",
         "_transport",
         "_url",
@@ -213,6 +229,8 @@ class _ServerConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._request_headers: list[tuple[bytes, bytes]] = []
+        self._max_header_bytes = server.limits.max_header_bytes
         self._header_bytes = 0
         self._body_bytes = 0
         self._http10 = False
@@ -347,27 +365,30 @@ class _ServerConnection(asyncio.Protocol):
             raise httptools.HttpParserError("request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # a trailer field: never merged into the headers, never forwarded
+        # After the head, self._headers is _TRAILERS: trailer fields are never merged into
+        # the headers and never forwarded.
         self._headers.append((name, value))
         size = len(name) + len(value) + 4
         self._header_bytes += size
-        if size > MAX_HEADER_LINE or self._header_bytes > self._limits.max_header_bytes:
+        if size > MAX_HEADER_LINE or self._header_bytes > self._max_header_bytes:
             raise httptools.HttpParserError("request headers too large")
-        n = len(name)
-        if n == 6 or n == 14 or n == 17:
-            lname = name.lower()
-            if lname == b"expect":
-                self._expect = value
-            elif lname == b"content-length":
-                self._framing |= _CONTENT_LENGTH
-            elif lname == b"transfer-encoding":
-                # Only "chunked" is spoken (as Go's net/http and h11): any other coding is 501.
-                chunked = value.strip().lower() == b"chunked"
-                self._framing |= _CHUNKED if chunked else _OTHER_CODING
+        if len(name) in _WATCHED_LENGTHS and name[0] in _WATCHED_FIRST:
+            self._watch(name.lower(), value)
+
+    def _watch(self, lname: bytes, value: bytes) -> None:
+        """The few request headers the server itself acts on (one cheap test per header)."""
+        if lname == b"expect":
+            self._expect = value
+        elif lname == b"content-length":
+            self._framing |= _CONTENT_LENGTH
+        elif lname == b"transfer-encoding":
+            # Only "chunked" is spoken (as Go's net/http and h11): any other coding is 501.
+            chunked = value.strip().lower() == b"chunked"
+            self._framing |= _CHUNKED if chunked else _OTHER_CODING
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._request_headers, self._headers = self._headers, _TRAILERS
         version = self._parser.get_http_version()
         self._http10 = version == "1.0"
         if version != "1.1" and not self._http10:
@@ -419,7 +440,7 @@ class _ServerConnection(asyncio.Protocol):
         request = _Request(
             method=parser.get_method().decode("latin-1"),
             target=self._url,
-            headers=self._headers,
+            headers=self._request_headers,
             keep_alive=parser.should_keep_alive() and not upgrade,
             http10=self._http10,
         )
@@ -440,7 +461,7 @@ class _ServerConnection(asyncio.Protocol):
         request = _Request(
             method=parser.get_method().decode("latin-1"),
             target=self._url,
-            headers=self._headers,
+            headers=self._request_headers,
             keep_alive=False,
             http10=self._http10,
             error=error,
