@@ -425,3 +425,14 @@ async def test_no_access_log_by_default(
     caplog.set_level(logging.INFO, logger="router.access")
     assert (await h.request(metric_path("tenant-a"))).status == 200
     assert not [r for r in caplog.records if r.name == "router.access"]
+
+
+async def test_a_malformed_request_gets_a_status_without_parser_text(
+    start_router: StartRouter,
+) -> None:
+    h = await start_router({"a": ["tenant-a"]})
+    conn = await h.connect()
+    reply = await conn.send(b"GET /apis HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n")
+    assert reply.status == 400
+    assert reply.json()["message"] == "malformed HTTP request: the request is not valid HTTP/1.1"
+    assert await rest_of_connection(conn) == b""

@@ -156,6 +156,7 @@ class _Request:
 
 
 _INF = math.inf
+_OWN_PARSER_ERRORS = frozenset({"request headers too large", "request target too long"})
 _CONTENT_LENGTH, _CHUNKED, _OTHER_CODING = 1, 2, 4
 # Header names the server acts on (expect, content-length, transfer-encoding), by length and
 # first byte: one cheap test per header before any lower().
@@ -326,7 +327,12 @@ class _ServerConnection(asyncio.Protocol):
             self._stop_reading_for_good()
         except httptools.HttpParserError as exc:
             if not self._failed:
-                self._refuse_request(400, f"malformed HTTP request: {exc}")
+                # The parser's own words go to the log, never into the Status.
+                detail = str(exc)
+                logger.debug("malformed request from %s: %s", self.peer, detail)
+                if detail not in _OWN_PARSER_ERRORS:
+                    detail = "the request is not valid HTTP/1.1"
+                self._refuse_request(400, f"malformed HTTP request: {detail}")
 
     def pause_writing(self) -> None:
         """The client does not read: read nothing more, begin nothing more, until it does."""
@@ -732,6 +738,10 @@ class ProxyServer:
         reason = tls_errors.handshake_failure_reason(exc)
         self.metrics.tls_handshake_failures.labels(reason).inc()
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+        if reason == "eof":
+            # A TCP health check (connect, close) looks like this: counted, logged at debug.
+            logger.debug("TLS handshake ended by the peer peer=%s", address)
+            return
         self._handshake_log(
             reason,
             time.monotonic(),
