@@ -283,11 +283,15 @@ def add_limits_arguments(parser: argparse.ArgumentParser) -> None:
             flag,
             type=duration,
             default=default,
+            metavar="DURATION",
             help=f"{text} (default {format_duration(default)})",
         )
 
     def size(flag: str, default: int, text: str) -> None:
-        g.add_argument(flag, type=byte_size, default=default, help=f"{text} (default {default})")
+        shown = f"{default >> 20}Mi" if default % (1 << 20) == 0 else str(default)
+        g.add_argument(
+            flag, type=byte_size, default=default, metavar="SIZE", help=f"{text} (default {shown})"
+        )
 
     dur("--tls-handshake-timeout", d.tls_handshake_timeout, "time for a client's TLS handshake")
     dur(
