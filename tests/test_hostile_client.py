@@ -242,7 +242,7 @@ async def test_an_unknown_expectation_is_417(start_router: StartRouter) -> None:
 # ---------------------------------------------------------------------------------- deadlines
 
 FAST = [
-    "--tls-handshake-timeout", "0.4s", "--read-header-timeout", "400ms",
+    "--tls-handshake-timeout", "1s", "--read-header-timeout", "400ms",
     "--read-timeout", "0.4", "--idle-timeout", "400ms", "--write-timeout", "400ms",
 ]  # fmt: skip
 
@@ -315,8 +315,8 @@ async def test_an_idle_keep_alive_connection_is_closed(start_router: StartRouter
 
 # ------------------------------------------------------------------------ clients that never read
 
-PIPELINED = 400
-BIG = b'{"kind":"ExternalMetricValueList","items":[],"pad":"' + b"x" * (256 << 10) + b'"}'
+PIPELINED = 100
+BIG = b'{"kind":"ExternalMetricValueList","items":[],"pad":"' + b"x" * (1 << 20) + b'"}'
 
 
 async def answered(h: object) -> float:
@@ -330,13 +330,14 @@ async def test_a_client_that_never_reads_stops_being_read(start_router: StartRou
     h.stubs["a"].behaviour.content_type = "application/json"
     conn = await h.connect()
     one = build_request(metric_path("tenant-a"), HPA_IDENTITY)
-    conn.writer.write(one * PIPELINED)  # 400 answers of 256 KiB: 100 MiB if nothing stopped
+    conn.writer.write(one * PIPELINED)  # 100 answers of 1 MiB: 100 MiB if nothing stopped
     # Wait until the router stops answering: its write buffer is full and it stopped reading.
     count, previous = 0.0, -1.0
     while count != previous:
         await asyncio.sleep(0.2)
         previous, count = count, await answered(h)
-    assert 0 < count < 32
+    # Socket buffers on both sides (a few MiB on loopback) and the transport's hold a few.
+    assert 0 < count < PIPELINED // 4, count
     assert len(h.stubs["a"].seen) == count  # nothing more was read or forwarded
     # Once the client reads, every request is answered, in order.
     for _ in range(PIPELINED):
