@@ -37,6 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import hostile  # noqa: E402  (bench/hostile.py, next to this file)
+
 BENCH = ROOT / "bench"
 NGINX_DIR = BENCH / "nginx"
 RESULTS = BENCH / "results.md"
@@ -77,6 +80,7 @@ class Settings:
     workdir: Path
     keep_workdir: bool
     write_results: bool
+    baseline: Path | None = None  # another checkout of the router, run in the same session
 
     def wants(self, section: str) -> bool:
         return not self.only or section in self.only
@@ -89,7 +93,15 @@ def parse_settings(argv: Sequence[str]) -> Settings:
     p.add_argument("--reps", type=int, help="interleaved repetitions (default 3; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per ab run (default 5; quick 2)")
     p.add_argument("--concurrency", default="1,16,64")
-    p.add_argument("--only", default="", help="comma list of: matrix,scale,isolation,reload")
+    p.add_argument(
+        "--only", default="", help="comma list of: matrix,scale,isolation,reload,hostile"
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. `git worktree add /tmp/base main`): its router runs as the "
+        "matrix target base-1 and in the hostile scenario, for before/after figures",
+    )
     p.add_argument("--targets", help="matrix targets, e.g. direct,router-1,nginx-1")
     p.add_argument("--workers", default="1,2", help="worker/process counts for ROUTER and NGINX")
     p.add_argument(
@@ -115,6 +127,7 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         workdir=workdir,
         keep_workdir=a.workdir is not None,
         write_results=not a.no_results,
+        baseline=a.baseline.resolve() if a.baseline else None,
     )
 
 
@@ -172,13 +185,17 @@ def rss_kib(root: int) -> int:
 class Proc:
     """A process this benchmark started; stopped with SIGTERM (then SIGKILL) by its own pid."""
 
-    def __init__(self, name: str, cmd: Sequence[str], logfile: Path) -> None:
+    def __init__(
+        self, name: str, cmd: Sequence[str], logfile: Path, *, cwd: Path = ROOT,
+        env: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.logfile = logfile
         self._log = logfile.open("ab")
         self.popen = subprocess.Popen(
-            list(cmd), stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
-        )
+            list(cmd), stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
+        )  # fmt: skip
         self.started = time.monotonic()
 
     @property
@@ -252,7 +269,7 @@ def router_server_kind(port: int) -> str:
     server = re.search(r"(?im)^server: *(.*)$", head)
     if server and "aiohttp" in server.group(1):
         return f"aiohttp web.Server ({server.group(1).strip()})"
-    return "router.proxy.ProxyServer (asyncio protocol, httptools)"
+    return "router.http.server.ProxyServer (asyncio protocol, httptools)"
 
 
 def git_revision() -> str:
@@ -486,13 +503,18 @@ def start_router(
     routes_text: str,
     workers: int,
     extra: Sequence[str] = (),
+    tree: Path | None = None,
 ) -> RouterProc:
+    """A router from this checkout, or from ``tree`` (another checkout, same venv)."""
     certs = router_certs(pki, workdir / f"certs-{name}")
     routes = workdir / f"routes-{name}.yaml"
     write_atomic(routes, routes_text)
     port, mport = free_port(), free_port()
+    program = (
+        [str(VENV_BIN / "metrics-router")] if tree is None else [sys.executable, "-m", "router"]
+    )
     cmd = [
-        str(VENV_BIN / "metrics-router"),
+        *program,
         "serve",
         "--secure-port", str(port),
         "--bind-address", "127.0.0.1",
@@ -510,7 +532,10 @@ def start_router(
         "--max-idle-connections-per-upstream", str(KEEPALIVE),
         *extra,
     ]  # fmt: skip
-    proc = Proc(name, cmd, workdir / f"{name}.log")
+    if tree is None:
+        proc = Proc(name, cmd, workdir / f"{name}.log")
+    else:
+        proc = Proc(name, cmd, workdir / f"{name}.log", cwd=tree, env={"PYTHONPATH": str(tree)})
     startup = proc.wait_for_log("serving port=", count=workers, timeout=60)
     return RouterProc(proc, port, mport, startup, certs, routes)
 
@@ -931,6 +956,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sec = Report()
             verdicts.update(reload_scenario(st, sec))
             sections.append(sec)
+        if settings.wants("hostile"):
+            sec = Report()
+            hostile_scenario(st, sec)
+            sections.append(sec)
         if settings.wants("scale"):
             sec = Report()
             scale(st, sec)
@@ -1011,6 +1040,13 @@ def build_targets(st: Stack) -> list[Target]:
             Target(f"router-{w}", f"ROUTER {w} worker{'s' if w > 1 else ''}",
                    f"https://127.0.0.1:{r.port}{path}", fp, r.proc.pid, w)
         )  # fmt: skip
+    if st.settings.baseline is not None:
+        r = start_router(workdir, pki, "base-1", routes_doc(ups), 1, tree=st.settings.baseline)
+        st.add(r.proc)
+        targets.append(
+            Target("base-1", "BASELINE 1 worker", f"https://127.0.0.1:{r.port}{path}", fp,
+                   r.proc.pid, 1)
+        )  # fmt: skip
     for w in st.settings.workers if st.nginx else ():
         port = free_port()
         proc = st.add(start_nginx_router(workdir, pki, ups, w, port))
@@ -1019,6 +1055,106 @@ def build_targets(st: Stack) -> list[Target]:
                    f"https://127.0.0.1:{port}{path}", fp, proc.pid, w)
         )  # fmt: skip
     return targets
+
+
+# -------------------------------------------------------------------------------- hostile
+
+
+def hostile_routes(ups: Upstreams, hostile_port: int) -> str:
+    tenants: dict[str, object] = {
+        "a": {"namespaces": ["tenant-a"], "upstream": f"https://127.0.0.1:{ups.port('a')}",
+              "serverName": "keda-operator-metrics-apiserver.a--sys.svc"},
+    }  # fmt: skip
+    for ns in hostile.FLOOD_NAMESPACES:
+        tenants[ns] = {
+            "namespaces": [ns],
+            "upstream": f"https://127.0.0.1:{hostile_port}",
+            "serverName": "keda-operator-metrics-apiserver.h--sys.svc",
+        }
+    return json.dumps({"tenants": tenants}, indent=1)
+
+
+def hostile_scenario(st: Stack, rep: Report) -> None:
+    """RSS growth of a fresh router under each hostile case, this checkout vs --baseline."""
+    assert st.ups is not None
+    workdir, pki = st.workdir, st.pki
+    hport = free_port()
+    up = st.add(
+        Proc("hostile-upstream",
+             [sys.executable, str(BENCH / "hostile.py"), "upstream", "--pki", str(pki),
+              "--port", str(hport)],
+             workdir / "hostile-upstream.log")
+    )  # fmt: skip
+    up.wait_for_log("listening on")
+    routes = hostile_routes(st.ups, hport)
+    trees: list[tuple[str, Path | None]] = [("router", None)]
+    if st.settings.baseline is not None:
+        trees.append(("baseline", st.settings.baseline))
+    with_cert = hostile.client_context(pki)
+    without_cert = hostile.client_context(pki, cert=False)
+    discovery = hostile.request("/apis/external.metrics.k8s.io/v1beta1", HPA_IDENTITY)
+
+    def flood(ns: str) -> Callable[[int], str]:
+        path = METRIC_PATH.format(ns=ns)
+        data = hostile.request(path, HPA_IDENTITY, "Connection: close\r\n")
+        return lambda port: hostile.one_request(port, with_cert, data)
+
+    def never_reads(port: int) -> str:
+        sock, sent = hostile.pipeline_without_reading(port, with_cert, discovery, 8.0)
+        held.append(sock)
+        return f"sent {sent >> 20} MiB of requests, then blocked"
+
+    def slow_bodies(port: int) -> str:
+        path = METRIC_PATH.format(ns="tenant-a")
+        left = hostile.slow_bodies_without_certificate(port, without_cert, path, 200, 2.0)
+        return f"{left}/200 connections still open after 2 s"
+
+    cases: list[tuple[str, Callable[[int], str]]] = [
+        ("pipelining client that never reads (8 s)", never_reads),
+        ("upstream answers 100 MiB (Content-Length)", flood("flood-body")),
+        ("upstream answers 100 MiB of chunks", flood("flood-chunked")),
+        ("upstream sends 100 MiB of header lines", flood("flood-header")),
+        ("200 slow bodies without a certificate", slow_bodies),
+    ]
+    results: dict[tuple[str, str], tuple[float, str]] = {}
+    for i, (case, attack) in enumerate(cases):
+        for name, tree in trees:
+            held: list[ssl.SSLSocket] = []
+            r = start_router(workdir, pki, f"hostile-{i}-{name}", routes, 1, tree=tree)
+            try:
+                time.sleep(0.5)
+                before = rss_kib(r.proc.pid)
+                try:
+                    outcome = attack(r.port)
+                except OSError as exc:
+                    outcome = f"client error: {exc}"
+                grown = (rss_kib(r.proc.pid) - before) / 1024
+            finally:
+                for sock in held:
+                    sock.close()
+                r.proc.stop()
+            results[(case, name)] = (grown, outcome)
+            log(f"hostile {name}: {case}: RSS +{grown:.1f} MiB; {outcome}")
+    rep.add("## Hostile input: router RSS growth per case", "")
+    rep.add(
+        "A fresh router (1 worker, default limits) per case and per checkout; RSS of its process "
+        "tree before and right after the attack (bench/hostile.py).",
+        "",
+    )
+    header = ["case", "RSS growth (MiB)", "outcome"]
+    if len(trees) > 1:
+        header = ["case", "RSS growth (MiB)", "baseline RSS growth (MiB)", "outcome",
+                  "baseline outcome"]  # fmt: skip
+    rows = []
+    for case, _ in cases:
+        g, o = results[(case, "router")]
+        if len(trees) > 1:
+            bg, bo = results[(case, "baseline")]
+            rows.append([case, f"{g:.1f}", f"{bg:.1f}", o, bo])
+        else:
+            rows.append([case, f"{g:.1f}", o])
+    rep.table(header, rows)
+    rep.add("")
 
 
 # -------------------------------------------------------------------------------- isolation

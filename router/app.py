@@ -25,12 +25,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 
 from router import logs, tlsfiles
 from router.config import RequestHeaderSettings, ServeConfig
+from router.http.client import UpstreamClient
+from router.http.server import ProxyServer
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
 from router.options import format_duration, parse_host_port
-from router.proxy import IdentityHeaders, Proxy, ProxyServer
+from router.proxy import IdentityHeaders, Proxy
 from router.routes import RoutesError, RouteTable, Upstream, parse_routes_file
-from router.upstream import UpstreamClient
 from router.version import version
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,8 @@ class Router:
             timeout=cfg.upstream_timeout,
             connect_timeout=cfg.upstream_connect_timeout,
             max_idle_per_upstream=cfg.max_idle_connections_per_upstream,
+            limits=cfg.limits,
+            own_certificate_expiry=lambda: client_tls.expiry.get("proxy-client"),
         )
         serving = self._serving
         proxy = Proxy(
@@ -207,8 +210,14 @@ class Router:
                 lambda: serving.loaded_bytes("requestheader-ca")
             ),
             stale_settings=cfg.stale,
+            access_log=cfg.limits.access_log,
         )
-        self._server = ProxyServer(proxy)
+        self._server = ProxyServer(
+            proxy,
+            self.metrics,
+            limits=cfg.limits,
+            access_log=proxy.log_access if cfg.limits.access_log else None,
+        )
         try:
             await self._server.start(
                 cfg.bind_address,

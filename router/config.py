@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from router import logs
+from router.http.limits import Limits
 from router.options import byte_size, duration, format_duration, parse_host_port
 from router.settings import DEFAULT_TENANT_PATTERN, DEFAULT_UPSTREAM_SERVICE_SELECTOR, STRATEGIES
 from router.settings import TenancySettings as TenancySettings
@@ -95,6 +96,7 @@ class ServeConfig:
     shutdown_delay_duration: float = 0.0
     # A certificate expiring within this time logs a warning and sets a metric.
     certificate_expiry_warning: float = 7 * 24 * 3600.0
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def uses_cluster(self) -> bool:
@@ -280,6 +282,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--default-upstream-server-name", help="TLS server name of the default upstream")
 
     add_tenancy_arguments(parser)
+    add_limits_arguments(parser)
 
     g = parser.add_argument_group("operation")
     g.add_argument(
@@ -314,6 +317,105 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "metrics_router_certificate_expiring_soon",
     )
     logs.add_log_arguments(g)
+
+
+def add_limits_arguments(parser: argparse.ArgumentParser) -> None:
+    """Bounds of the data path (router/http/limits.py), named as Go's net/http names them."""
+    d = Limits()
+    g = parser.add_argument_group(
+        "limits of the secure port and the upstream client (durations: 500ms, 10s, 1m30s; "
+        "sizes: 65536, 64Ki, 16Mi)"
+    )
+
+    def dur(flag: str, default: float, text: str) -> None:
+        g.add_argument(
+            flag,
+            type=duration,
+            default=default,
+            metavar="DURATION",
+            help=f"{text} (default {format_duration(default)})",
+        )
+
+    def size(flag: str, default: int, text: str) -> None:
+        shown = f"{default >> 20}Mi" if default % (1 << 20) == 0 else str(default)
+        g.add_argument(
+            flag, type=byte_size, default=default, metavar="SIZE", help=f"{text} (default {shown})"
+        )
+
+    dur("--tls-handshake-timeout", d.tls_handshake_timeout, "time for a client's TLS handshake")
+    dur(
+        "--read-header-timeout",
+        d.read_header_timeout,
+        "time for a request's head (line and headers) to arrive",
+    )
+    dur("--read-timeout", d.read_timeout, "time for a request's body, after its head")
+    dur(
+        "--write-timeout",
+        d.write_timeout,
+        "time an answer may wait for a client that does not read it; then the connection is "
+        "aborted",
+    )
+    dur("--idle-timeout", d.idle_timeout, "keep-alive time between requests")
+    size("--max-header-bytes", d.max_header_bytes, "bytes of a request's header block")
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help="client connections open at once; more are closed before TLS and counted "
+        f"(default {d.max_connections})",
+    )
+    size(
+        "--max-response-header-bytes",
+        d.max_response_header_bytes,
+        "bytes of an upstream response's header block; over it: 502",
+    )
+    size(
+        "--max-response-bytes",
+        d.max_response_bytes,
+        "bytes of an upstream response's body; over it: 502 and the upstream connection closed",
+    )
+    dur(
+        "--upstream-idle-conn-timeout",
+        d.upstream_idle_conn_timeout,
+        "time a pooled upstream connection may stay idle",
+    )
+    g.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per request (kube-apiserver httplog fields) on logger router.access",
+    )
+
+
+def limits_from_args(args: argparse.Namespace, errors: list[str]) -> Limits:
+    """The data path's limits from `serve` flags; problems are appended to ``errors``."""
+    positive = {
+        "--tls-handshake-timeout": args.tls_handshake_timeout,
+        "--read-header-timeout": args.read_header_timeout,
+        "--read-timeout": args.read_timeout,
+        "--write-timeout": args.write_timeout,
+        "--idle-timeout": args.idle_timeout,
+        "--upstream-idle-conn-timeout": args.upstream_idle_conn_timeout,
+        "--max-header-bytes": args.max_header_bytes,
+        "--max-connections": args.max_connections,
+        "--max-response-header-bytes": args.max_response_header_bytes,
+        "--max-response-bytes": args.max_response_bytes,
+    }
+    for flag, value in positive.items():
+        if not value > 0:
+            errors.append(f"{flag}: must be > 0")
+    return Limits(
+        tls_handshake_timeout=args.tls_handshake_timeout,
+        read_header_timeout=args.read_header_timeout,
+        read_timeout=args.read_timeout,
+        write_timeout=args.write_timeout,
+        idle_timeout=args.idle_timeout,
+        max_header_bytes=args.max_header_bytes,
+        max_connections=args.max_connections,
+        max_response_header_bytes=args.max_response_header_bytes,
+        max_response_bytes=args.max_response_bytes,
+        upstream_idle_conn_timeout=args.upstream_idle_conn_timeout,
+        access_log=args.access_log,
+    )
 
 
 def _need_file(errors: list[str], flag: str, value: Path | None) -> None:
@@ -399,6 +501,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         or DEFAULT_EXTRA_PREFIXES,
     )
     tenancy = tenancy_from_args(args, errors)
+    limits = limits_from_args(args, errors)
     metrics = _host_port(args.metrics_bind_address, "--metrics-bind-address", errors)
     if errors:
         raise ConfigError(errors)
@@ -434,4 +537,5 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         ),
         shutdown_delay_duration=args.shutdown_delay_duration,
         certificate_expiry_warning=args.certificate_expiry_warning,
+        limits=limits,
     )

@@ -109,6 +109,33 @@ class ProxyMetrics:
             buckets=STALE_AGE_BUCKETS,
             registry=registry,
         )
+        self.upstream_tls_errors = Counter(
+            "metrics_router_upstream_tls_errors_total",
+            "Upstream TLS failures (kind tls) by tenant and cause: expired-certificate, "
+            "unknown-ca, hostname-mismatch, client-certificate-rejected, other.",
+            ["tenant", "cause"],
+            registry=registry,
+        )
+        self.tls_handshake_failures = Counter(
+            "metrics_router_tls_handshake_failures_total",
+            "TLS handshakes refused or failed at the secure port, by reason: unknown-ca, "
+            "expired-certificate, bad-certificate, no-shared-cipher, not-tls, timeout, eof, other.",
+            ["reason"],
+            registry=registry,
+        )
+        self.connections_refused = Counter(
+            "metrics_router_connections_refused_total",
+            "Connections closed at accept, before TLS, by reason (max-connections).",
+            ["reason"],
+            registry=registry,
+        )
+        self.connection_timeouts = Counter(
+            "metrics_router_connection_timeouts_total",
+            "Client connections closed because a phase deadline passed, by phase: handshake, "
+            "head, body, write, idle.",
+            ["phase"],
+            registry=registry,
+        )
         self._requests: dict[tuple[str, int], Counter] = {}
         self._duration: dict[str, Histogram] = {}
 

@@ -10,19 +10,15 @@
 
 :class:`Proxy` is that path, independent of the HTTP server in front of it: ``begin`` (steps
 1-3), ``forward`` (steps 4-5, the answer to a callback), ``respond`` (both, as a coroutine).
-The secure port is served by :class:`ProxyServer`, a lean HTTP/1.1 server on asyncio protocols
-(httptools parser, peer certificate read once per connection, no task or future per request,
-the answer written as one buffer). It exists because the profile said so: aiohttp's server
-machinery cost more CPU per request than NGINX's whole request path (see bench/README.md).
+The secure port is served by router.http.server.ProxyServer, and upstreams are reached with
+router.http.client.UpstreamClient: the HTTP layer owns framing, deadlines and limits; this
+module owns the decisions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import email.utils
-import http
+import json
 import logging
 import ssl
 import time
@@ -30,16 +26,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httptools
-
 from router import paths, stale, status
 from router.config import RequestHeaderSettings, StaleSettings
+from router.http.client import UpstreamClient, UpstreamError, UpstreamResponse
+from router.http.server import Reply, status_reply
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
 from router.routes import Upstream
-from router.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("router.access")
 
 # Never forwarded upstream, whatever the caller sends.
 _HOP_BY_HOP = frozenset(
@@ -47,29 +43,35 @@ _HOP_BY_HOP = frozenset(
     b"transfer-encoding upgrade http2-settings".split()
 )
 _REQUEST_DROP = _HOP_BY_HOP | frozenset(b"host content-length expect authorization cookie".split())
-_RESPONSE_DROP = _HOP_BY_HOP | frozenset([b"content-length"])
+# Content-Length and Date are the router's own: exactly one of each is sent.
+_RESPONSE_DROP = _HOP_BY_HOP | frozenset([b"content-length", b"date"])
 # Identity arrives upstream only as what the router copied from a verified peer: any header
 # in the upstream's own requestheader namespace is dropped first.
 _UPSTREAM_IDENTITY_PREFIX = b"x-remote-"
 _IMPERSONATE_PREFIX = b"impersonate-"
 
-_STATUS_ERROR_KIND = {
-    "unreachable": status.service_unavailable,
-    "timeout": status.gateway_timeout,
-    "tls": status.bad_gateway,
-    "protocol": status.bad_gateway,
+# What a Status body says about an upstream failure: what failed, for which tenant, and never
+# the library's text, a path, the upstream's URL or TLS details (those go to the log).
+_STATUS_ERROR_KIND: dict[str, tuple[Callable[[str], status.StatusError], str]] = {
+    "unreachable": (status.service_unavailable, "is unreachable"),
+    "timeout": (status.gateway_timeout, "did not answer in time"),
+    "tls": (status.bad_gateway, "could not be reached over a trusted TLS connection"),
+    "protocol": (status.bad_gateway, "sent an invalid answer"),
+    "response-too-large": (status.bad_gateway, "sent an answer larger than the router allows"),
 }
 
-_JSON_TYPE = b"Content-Type: application/json\r\n"
+_TLS_CAUSE_TEXT = {
+    "client-certificate-rejected": "refused the router's client certificate",
+    "expired-certificate": "presented a certificate the router does not trust (expired)",
+    "unknown-ca": "presented a certificate the router does not trust (unknown authority)",
+    "hostname-mismatch": "presented a certificate for another name",
+}
+
 _TEXT_TYPE = b"Content-Type: text/plain; charset=utf-8\r\n"
 
-# Limits of the secure port's HTTP/1.1 server. Header bytes as Go's net/http (what KEDA's
-# metrics server accepts): a user in hundreds of groups sends hundreds of X-Remote-Group lines.
-MAX_REQUEST_LINE = 8190
-MAX_HEADER_LINE = 16384
-MAX_HEADER_BYTES = 1 << 20
-MAX_PIPELINED = 16
-KEEPALIVE_TIMEOUT = 75.0
+# A client certificate with several CNs: kube-apiserver judges by the last, so the router
+# refuses it rather than risk judging by another one.
+MULTIPLE_COMMON_NAMES = "\x00multiple"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,10 @@ def _name_action(lname: bytes, ids: IdentityHeaders) -> _Action:
         return _IDENTITY, None, 0 if prefix == b"x-remote-extra-" else len(prefix)
     if lname == b"connection":
         return _CONNECTION, None, 0
+    if b"_" in lname and _name_action(lname.replace(b"_", b"-"), ids)[0] != _KEEP:
+        # Looks like an identity (or dropped) header to nginx and CGI-style servers, which
+        # read "_" as "-": never forwarded.
+        return _DROP, None, 0
     if (
         lname in _REQUEST_DROP
         or lname.startswith(_UPSTREAM_IDENTITY_PREFIX)
@@ -203,6 +209,7 @@ def _forward_headers_exact(raw: Sequence[tuple[bytes, bytes]], ids: IdentityHead
         elif (
             lname in _REQUEST_DROP
             or lname in connection_named
+            or (b"_" in lname and _name_action(lname.replace(b"_", b"-"), ids)[0] != _KEEP)
             or lname.startswith(_UPSTREAM_IDENTITY_PREFIX)
             or lname.startswith(_IMPERSONATE_PREFIX)
         ):
@@ -251,31 +258,21 @@ def response_header_block(raw: Sequence[tuple[bytes, bytes]]) -> bytes:
 
 
 def _cert_common_name(cert: object) -> str | None:
-    """CN of a certificate dict from SSLObject.getpeercert(), "" without a CN, None if empty."""
+    """CN of a certificate dict from SSLObject.getpeercert(), "" without a CN, None if empty,
+    MULTIPLE_COMMON_NAMES with more than one."""
     if not cert or not isinstance(cert, dict):
         return None
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return ""
+    names = [
+        str(value) for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"
+    ]
+    if len(names) > 1:
+        return MULTIPLE_COMMON_NAMES
+    return names[0] if names else ""
 
 
 # ------------------------------------------------------------------------------- the answer
 
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """An answer: status, header lines (CRLF-terminated, no Content-Length/Connection), body."""
-
-    status: int
-    headers: bytes
-    body: bytes
-
-
-def _status_reply(err: status.StatusError) -> Reply:
-    extra = b"".join(_line(k.encode("latin-1"), v.encode("latin-1")) for k, v in err.headers)
-    return Reply(err.code, _JSON_TYPE + extra, err.body())
+_status_reply = status_reply
 
 
 @dataclass(slots=True)
@@ -309,7 +306,9 @@ class Proxy:
         ready: Callable[[], bool],
         resumed_peer_ok: Callable[[bytes | None], bool] | None = None,
         stale_settings: StaleSettings | None = None,
+        access_log: bool = False,
     ) -> None:
+        self._access_log = access_log
         self._routes = routes
         self._client = client
         self._identity = identity
@@ -390,6 +389,10 @@ class Proxy:
         ids = self._identity()
         if cn is None:
             return self._unauthorized("no-certificate", "a client certificate is required")
+        if cn == MULTIPLE_COMMON_NAMES:
+            return self._unauthorized(
+                "multiple-common-names", "a client certificate with several common names"
+            )
         if ids.allowed_names and cn not in ids.allowed_names:
             return self._unauthorized(
                 "name-not-allowed", f"client certificate common name {cn!r} is not allowed"
@@ -473,28 +476,74 @@ class Proxy:
         tenant = ex.tenant
         if isinstance(result, UpstreamError):
             self._metrics.upstream_errors.labels(tenant, result.kind).inc()
+            if result.cause:
+                self._metrics.upstream_tls_errors.labels(tenant, result.cause).inc()
             self._routes.record_error(tenant, result.kind, result.message)
             logger.warning(
-                "upstream error tenant=%s namespace=%s kind=%s error=%r",
-                tenant, ex.namespace, result.kind, result.message,
+                "upstream error tenant=%s namespace=%s upstream=%s kind=%s cause=%s error=%r",
+                tenant, ex.namespace, ex.upstream.url, result.kind, result.cause or "-",
+                result.message,
             )  # fmt: skip
             reason = stale.reason_for_error(result.kind)
-            if (answer := self._stale_answer(tenant, ex.stale_key, reason, seconds)) is not None:
-                return answer
-            make = _STATUS_ERROR_KIND[result.kind]
-            err = make(f"tenant {tenant!r} metrics server: {result.message}")
-            self._metrics.observe(tenant, err.code, seconds)
-            return _status_reply(err)
-        if ex.stale_key is not None:
-            if result.status == 200:
-                self.stale.remember(tenant, ex.stale_key, result, self._clock())
-            else:
-                reason = stale.reason_for_status(result.status)
-                answer = self._stale_answer(tenant, ex.stale_key, reason, seconds)
-                if answer is not None:
-                    return answer
-        self._metrics.observe(tenant, result.status, seconds)
-        return Reply(result.status, response_header_block(result.headers), result.body)
+            reply = self._stale_answer(tenant, ex.stale_key, reason, seconds)
+            if reply is None:
+                make, what = _STATUS_ERROR_KIND[result.kind]
+                if result.kind == "timeout":
+                    what = f"did not answer within {self._client.timeout:g}s"
+                elif result.cause:
+                    what = _TLS_CAUSE_TEXT.get(result.cause, what)
+                err = make(f"tenant {tenant!r} metrics server {what}")
+                self._metrics.observe(tenant, err.code, seconds)
+                reply = status_reply(err)
+        else:
+            reply = None
+            if ex.stale_key is not None:
+                if result.status == 200:
+                    self.stale.remember(tenant, ex.stale_key, result, self._clock())
+                else:
+                    reason = stale.reason_for_status(result.status)
+                    reply = self._stale_answer(tenant, ex.stale_key, reason, seconds)
+            if reply is None:
+                self._metrics.observe(tenant, result.status, seconds)
+                reply = Reply(result.status, response_header_block(result.headers), result.body)
+        if self._access_log:
+            return Reply(
+                reply.status, reply.headers, reply.body, tenant, ex.namespace, ex.upstream.url
+            )
+        return reply
+
+    def log_access(
+        self,
+        method: str,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        reply: Reply,
+        seconds: float,
+        peer: Any,
+    ) -> None:
+        """One access-log line per request, with kube-apiserver's httplog fields (the server
+        calls this only when --access-log is on)."""
+        user_names = self._identity().user
+        user = agent = audit = ""
+        for name, value in headers:
+            lname = name.lower()
+            if lname in user_names and not user:
+                user = value.decode("latin-1")
+            elif lname == b"user-agent":
+                agent = value.decode("latin-1")
+            elif lname == b"audit-id":
+                audit = value.decode("latin-1")
+        uri = target.decode("utf-8", "replace")
+        metric = uri.partition("?")[0].rsplit("/", 1)[-1] if reply.namespace else ""
+        src = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ""
+        access_logger.info(
+            '"HTTP" verb=%s URI=%s latency=%s userAgent=%s audit-ID=%s srcIP=%s resp=%d '
+            "user=%s tenant=%s namespace=%s metric=%s upstream=%s",
+            json.dumps(method), json.dumps(uri[:2048]), f'"{seconds * 1000:.3f}ms"',
+            json.dumps(agent[:256]), json.dumps(audit[:128]), json.dumps(src), reply.status,
+            json.dumps(user[:256]), json.dumps(reply.tenant), json.dumps(reply.namespace),
+            json.dumps(metric), json.dumps(reply.upstream),
+        )  # fmt: skip
 
     def _stale_answer(
         self, tenant: str, key: stale.Key | None, reason: str | None, seconds: float | None
@@ -545,344 +594,3 @@ class Proxy:
             return self._refuse(status.not_found("the router serves no OpenAPI document"))
         self._metrics.observe("", 200, None)
         return Reply(200, b"Content-Type: " + ctype.encode("latin-1") + b"\r\n", body)
-
-
-# --------------------------------------------------------------------- the secure port server
-
-_REASONS = {s.value: s.phrase.encode("latin-1") for s in http.HTTPStatus}
-_STATUS_LINES: dict[int, bytes] = {}
-
-
-def _status_line(code: int) -> bytes:
-    line = _STATUS_LINES.get(code)
-    if line is None:
-        reason = _REASONS.get(code, b"Unknown")
-        line = _STATUS_LINES[code] = b"HTTP/1.1 %d %s\r\n" % (code, reason)
-    return line
-
-
-class _DateHeader:
-    """The Date header line, formatted at most once a second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._line = b""
-
-    def line(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._line = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
-        return self._line
-
-
-@dataclass(slots=True)
-class _Request:
-    method: str
-    target: bytes
-    headers: list[tuple[bytes, bytes]]
-    keep_alive: bool
-    http10: bool
-    error: Reply | None = None
-
-
-class _ServerConnection(asyncio.Protocol):
-    """One client connection of the secure port: parse requests, answer them in order.
-
-    Driven by callbacks, with no task per request: a request that completes in
-    ``data_received`` is begun at once; when it must go upstream, the upstream connection's
-    answer calls back here, the answer is written, and the next pipelined request begins.
-    """
-
-    __slots__ = (
-        "_busy",
-        "_cn",
-        "_failed",
-        "_header_bytes",
-        "_headers",
-        "_in_head",
-        "_loop",
-        "_parser",
-        "_paused",
-        "_pending",
-        "_server",
-        "_transport",
-        "_url",
-        "head_since",
-        "idle_since",
-    )
-
-    def __init__(self, server: ProxyServer, loop: asyncio.AbstractEventLoop) -> None:
-        self._server = server
-        self._loop = loop
-        self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpRequestParser(self)
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._header_bytes = 0
-        self._in_head = False  # between the start of a request and the end of its headers
-        self._pending: collections.deque[_Request] = collections.deque()
-        self._busy = False  # a request of this connection is upstream
-        self._paused = False
-        self._cn: str | None = None
-        self._failed = False
-        self.idle_since: float | None = None  # waiting for the next request since
-        self.head_since = 0.0  # when the request being received started
-
-    # ---- asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        # Read once per connection: the peer certificate cannot change on a TLS connection.
-        self._cn = self._server.proxy.peer_name(transport.get_extra_info("ssl_object"))
-        self.idle_since = self._loop.time()
-        self._server.connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._pending.clear()
-        self._server.forget(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self._failed:
-            return
-        if self._in_head:
-            # A header line without its end is buffered by the parser: bound it here.
-            self._header_bytes += len(data)
-            if self._header_bytes > MAX_HEADER_BYTES + MAX_REQUEST_LINE:
-                self._refuse_request("request headers too large")
-                return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # An upgrade request is answered as plain HTTP/1.1, then the connection closes:
-            # nothing after it is read.
-            self._stop_reading()
-            self._failed = True
-            if self._pending:
-                self._pending[-1].keep_alive = False
-            else:
-                self._refuse_request("protocol upgrades are not supported")
-        except httptools.HttpParserError as exc:
-            self._refuse_request(f"malformed HTTP request: {exc}")
-
-    def pause_writing(self) -> None:  # the client does not read: stop reading its requests
-        self._stop_reading()
-
-    def resume_writing(self) -> None:
-        self._resume_reading()
-
-    # ---- httptools callbacks
-
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._headers = []
-        self._header_bytes = 0
-        self._in_head = True
-        self.idle_since = None
-        self.head_since = self._loop.time()
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > MAX_REQUEST_LINE:
-            raise httptools.HttpParserError("request target too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        size = len(name) + len(value) + 4
-        self._header_bytes += size
-        if size > MAX_HEADER_LINE or self._header_bytes > MAX_HEADER_BYTES:
-            raise httptools.HttpParserError("request headers too large")
-
-    def on_message_complete(self) -> None:
-        parser = self._parser
-        request = _Request(
-            method=parser.get_method().decode("latin-1"),
-            target=self._url,
-            headers=self._headers,
-            keep_alive=parser.should_keep_alive(),
-            http10=parser.get_http_version() == "1.0",
-        )
-        self._enqueue(request)
-
-    # ---- answering, in order
-
-    def _enqueue(self, request: _Request) -> None:
-        self._pending.append(request)
-        if len(self._pending) >= MAX_PIPELINED:
-            self._stop_reading()
-        if not self._busy:
-            self._next()
-
-    def _refuse_request(self, message: str) -> None:
-        self._failed = True
-        self._stop_reading()
-        err = status.bad_request(message)
-        self._server.proxy.count_refusal(err.code)
-        self._enqueue(_Request("GET", b"", [], False, False, _status_reply(err)))
-
-    def _next(self) -> None:
-        """Begin pending requests until one has to wait for its upstream."""
-        proxy, pending = self._server.proxy, self._pending
-        while pending and not self._busy and self._transport is not None:
-            request = pending[0]
-            if request.error is not None:
-                self._answer(request.error)
-                continue
-            target = request.target.decode("utf-8", "surrogateescape")
-            outcome = proxy.begin(request.method, target, request.headers, self._cn)
-            if isinstance(outcome, Reply):
-                self._answer(outcome)
-            else:
-                self._busy = True
-                proxy.forward(outcome, self._answer_forwarded)
-        if not pending and not self._busy:
-            self.idle_since = self._loop.time()
-
-    def _answer_forwarded(self, reply: Reply) -> None:
-        self._busy = False
-        if self._transport is None or not self._pending:
-            return  # the client went away meanwhile
-        self._answer(reply)
-        self._next()
-
-    def _answer(self, reply: Reply) -> None:
-        request = self._pending.popleft()
-        transport = self._transport
-        if transport is None:
-            return
-        keep_alive = request.keep_alive and not self._server.closing
-        if keep_alive:
-            connection = b"Connection: keep-alive\r\n" if request.http10 else b""
-        else:
-            connection = b"Connection: close\r\n"
-        transport.write(
-            b"".join(
-                (
-                    _status_line(reply.status),
-                    reply.headers,
-                    self._server.date.line(),
-                    b"Content-Length: %d\r\n" % len(reply.body),
-                    connection,
-                    b"\r\n",
-                    b"" if request.method == "HEAD" else reply.body,
-                )
-            )
-        )
-        if not keep_alive:
-            self._pending.clear()
-            self._transport = None
-            transport.close()
-        elif self._paused and len(self._pending) < MAX_PIPELINED // 2 and not self._failed:
-            self._resume_reading()
-
-    def _stop_reading(self) -> None:
-        if not self._paused and self._transport is not None:
-            self._paused = True
-            with contextlib.suppress(RuntimeError):
-                self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._paused and self._transport is not None:
-            self._paused = False
-            with contextlib.suppress(RuntimeError):
-                self._transport.resume_reading()
-
-    @property
-    def busy(self) -> bool:
-        return self._busy or bool(self._pending)
-
-    @property
-    def receiving_head(self) -> bool:
-        return self._in_head
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-
-class ProxyServer:
-    """The secure port: HTTP/1.1 with keep-alive and pipelining, requests answered by
-    :class:`Proxy`. A connection idle for ``keepalive_timeout`` seconds is closed, and one
-    whose request headers take longer than that to arrive is dropped."""
-
-    def __init__(self, proxy: Proxy, *, keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
-        self.proxy = proxy
-        self.keepalive_timeout = keepalive_timeout
-        self.connections: set[_ServerConnection] = set()
-        self.closing = False
-        self.date = _DateHeader()
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        self._all_gone = asyncio.Event()
-
-    async def start(
-        self,
-        host: str | None,
-        port: int,
-        ssl_context: ssl.SSLContext,
-        *,
-        reuse_port: bool = False,
-        backlog: int = 1024,
-    ) -> None:
-        """Listen (raises OSError when the address cannot be bound)."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _ServerConnection(self, loop),
-            host or None,
-            port,
-            ssl=ssl_context,
-            reuse_port=reuse_port or None,
-            backlog=backlog,
-        )
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        self._sweeper = asyncio.create_task(self._sweep_idle(), name="close-idle-connections")
-
-    def forget(self, conn: _ServerConnection) -> None:
-        self.connections.discard(conn)
-        if not self.connections:
-            self._all_gone.set()
-
-    async def _sweep_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        interval = max(min(self.keepalive_timeout / 4, 5.0), 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            expired = loop.time() - self.keepalive_timeout
-            for conn in list(self.connections):
-                if conn.idle_since is not None and conn.idle_since < expired:
-                    conn.close()  # idle keep-alive connection
-                elif conn.receiving_head and conn.head_since < expired:
-                    conn.abort()  # request headers trickling in for too long
-
-    async def stop(self, grace: float) -> None:
-        """Stop accepting; close idle connections; let requests in flight finish within the
-        grace period (their answer carries Connection: close); then abort what is left."""
-        self.closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        if self._server is not None:
-            self._server.close()
-        for conn in list(self.connections):
-            if not conn.busy:
-                conn.close()
-        if self.connections:
-            self._all_gone.clear()
-            if self.connections:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._all_gone.wait(), grace)
-        for conn in list(self.connections):
-            conn.abort()
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)

@@ -10,6 +10,16 @@ here, to the few kinds the proxy answers differently:
 - ``timeout``: no complete response within the request timeout -> 504
 - ``tls``: the upstream's certificate or handshake failed -> 502
 - ``protocol``: a broken or missing HTTP response -> 502
+- ``response-too-large``: response headers or body over the configured limits -> 502
+
+TLS failures also carry a ``cause`` (router/http/tls_errors.py). An error's ``message`` is for
+the log (it may name the URL and the library's text); the proxy never puts it in a response.
+
+A response is bounded by :class:`Limits` (``max_response_header_bytes``,
+``max_response_bytes``; trailers are dropped, never merged). A connection goes back to the pool
+only when its response ended exactly at the end of the bytes received and keep-alive holds: a
+surplus byte, or bytes while idle, close it. Idle pooled connections are closed after
+``upstream_idle_conn_timeout``.
 
 A request on a reused idle connection that the upstream had already closed is retried once on
 a fresh connection (GET is idempotent, and nothing of the response was seen). Interim 1xx
@@ -24,19 +34,34 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import httptools
 
+from router.http import tls_errors
+from router.http.limits import Limits
 from router.routes import Upstream
 
 logger = logging.getLogger(__name__)
 
 
 class UpstreamError(Exception):
-    def __init__(self, kind: str, message: str) -> None:
+    """An upstream failure: ``kind`` (the metric label), ``cause`` (TLS failures: why), and a
+    ``message`` for the log only."""
+
+    def __init__(self, kind: str, message: str, cause: str = "") -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.cause = cause
+
+
+def _tls_error(message: str, exc: BaseException) -> UpstreamError:
+    return UpstreamError("tls", message, tls_errors.upstream_tls_cause(exc))
+
+
+class _TooLargeError(Exception):
+    """Raised from a parser callback to stop parsing a response over a limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,16 +84,25 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_body",
+        "_body_bytes",
         "_client",
+        "_done",
+        "_header_bytes",
         "_headers",
         "_headers_done",
+        "_limits",
         "_loop",
+        "_max_body_bytes",
+        "_max_header_bytes",
         "_parser",
+        "_surplus",
         "_timer",
+        "_too_large",
         "callback",
         "closed",
         "deadline",
         "head",
+        "idle_since",
         "keep_alive",
         "pool",
         "reused",
@@ -85,8 +119,17 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._headers_done = False
+        self._limits = client.limits
+        self._max_header_bytes = client.limits.max_response_header_bytes
+        self._max_body_bytes = client.limits.max_response_bytes
+        self._header_bytes = 0
+        self._body_bytes = 0
+        self._done = False  # the final response ended (within the bytes fed so far)
+        self._surplus = False  # bytes followed the end of the response
+        self._too_large: str | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.callback: Callback | None = None  # set while a request is in flight
+        self.idle_since = 0.0
         self.head = b""
         self.deadline = 0.0
         self.closed = False
@@ -104,12 +147,27 @@ class _Connection(asyncio.Protocol):
             # Bytes while idle: the upstream broke protocol; never reuse this connection.
             self.close()
             return
+        if not self._headers_done:
+            # A header line without its end is buffered by the parser: bound it here.
+            self._header_bytes += len(data)
+            if self._header_bytes > self._max_header_bytes:
+                self._fail_too_large("response headers")
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "upstream answered with a protocol upgrade"))
+            return
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"upstream sent a malformed response: {exc}"))
+            if self._too_large is not None:
+                self._fail_too_large(self._too_large)
+                return
+            if not self._done:
+                self._fail(UpstreamError("protocol", f"upstream sent a malformed response: {exc}"))
+                return
+            self._surplus = True  # garbage after a complete response
+        if self._done:
+            self._finish()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -117,15 +175,28 @@ class _Connection(asyncio.Protocol):
             return
         if self._headers_done and self._ends_at_eof():
             # A response without Content-Length or chunking ends at EOF (RFC 9112 6.3).
-            self.on_message_complete()
+            self._done = True
+            self._finish()
         elif exc is not None and isinstance(exc, ssl.SSLError):
-            self._complete(UpstreamError("tls", f"upstream TLS error: {exc}"))
+            # In TLS 1.3 an upstream refusing the router's client certificate says so (an
+            # alert) on the first read, after the handshake.
+            self._complete(_tls_error(f"upstream TLS error: {exc}", exc))
+        elif not self.reused and not self.saw_bytes:
+            # A fresh connection closed before any answer: with TLS 1.3 this is how an upstream
+            # that refuses the router's client certificate looks when its alert is lost.
+            self._complete(self._client.closed_fresh_error(exc))
         else:
             detail = f": {exc}" if exc else ""
             self._complete(UpstreamError("protocol", f"upstream closed the connection{detail}"))
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._done:
+            self._surplus = True  # a second response: bytes the request did not ask for
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a trailer field: never merged into the headers, never relayed
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -136,10 +207,16 @@ class _Connection(asyncio.Protocol):
         return b"content-length" not in names and b"transfer-encoding" not in names
 
     def on_body(self, body: bytes) -> None:
+        if self._done:
+            return
+        self._body_bytes += len(body)
+        if self._body_bytes > self._max_body_bytes:
+            self._too_large = "response body"
+            raise _TooLargeError
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self.callback is None:
+        if self.callback is None or self._done:
             return
         code = self._parser.get_status_code()
         if code < 200:
@@ -150,9 +227,29 @@ class _Connection(asyncio.Protocol):
             self._headers = []
             self._body = []
             self._headers_done = False
+            self._header_bytes = 0
             return
-        self.keep_alive = not self.closed and self._parser.should_keep_alive()
+        self._done = True
+        self.keep_alive = self._parser.should_keep_alive()  # read now: the parser moves on
+
+    def _finish(self) -> None:
+        """The final response ended: hand it over (the connection is reusable only when it
+        ended exactly at the end of the bytes received)."""
+        if self.callback is None:
+            return
+        self.keep_alive = self.keep_alive and not self.closed and not self._surplus
+        code = self._parser.get_status_code()
         self._complete(UpstreamResponse(code, self._headers, b"".join(self._body)))
+
+    def _fail_too_large(self, what: str) -> None:
+        limit = (
+            self._limits.max_response_header_bytes
+            if what == "response headers"
+            else self._limits.max_response_bytes
+        )
+        self._fail(
+            UpstreamError("response-too-large", f"upstream {what} exceed the limit ({limit} bytes)")
+        )
 
     # use
     def begin(self, head: bytes, deadline: float, callback: Callback) -> None:
@@ -163,6 +260,11 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._body = []
         self._headers_done = False
+        self._header_bytes = 0
+        self._body_bytes = 0
+        self._done = False
+        self._surplus = False
+        self._too_large = None
         self.saw_bytes = False
         self.keep_alive = False
         self._timer = self._loop.call_at(deadline, self._expire)
@@ -214,7 +316,11 @@ class UpstreamClient:
         timeout: float,
         connect_timeout: float,
         max_idle_per_upstream: int = 32,
+        limits: Limits | None = None,
+        own_certificate_expiry: Callable[[], datetime | None] | None = None,
     ) -> None:
+        self.limits = limits or Limits()
+        self._own_expiry = own_certificate_expiry
         self._ssl_context = ssl_context
         self._timeout = timeout
         self._connect_timeout = connect_timeout
@@ -255,6 +361,29 @@ class UpstreamClient:
         if isinstance(result, UpstreamError):
             raise result
         return result
+
+    @property
+    def timeout(self) -> float:
+        """Seconds an upstream request may take (--upstream-timeout)."""
+        return self._timeout
+
+    def closed_fresh_error(self, exc: Exception | None) -> UpstreamError:
+        """The error for a fresh connection the upstream closed before answering: TLS, client
+        certificate rejected, when the router's own client certificate has expired."""
+        detail = f": {exc}" if exc else ""
+        expiry = self._own_expiry() if self._own_expiry is not None else None
+        if expiry is not None and expiry <= datetime.now(UTC):
+            return UpstreamError(
+                "tls",
+                f"upstream closed a new connection before answering{detail}; the router's "
+                f"client certificate expired at {expiry.isoformat()}",
+                "client-certificate-rejected",
+            )
+        return UpstreamError(
+            "protocol",
+            f"upstream closed a new connection before answering{detail} (does it trust the "
+            "router's client certificate?)",
+        )
 
     def timeout_error(self, upstream: Upstream) -> UpstreamError:
         return UpstreamError(
@@ -313,6 +442,8 @@ class UpstreamClient:
 
     def _take_idle(self, pool: _Pool) -> _Connection | None:
         idle = pool.idle
+        if idle:
+            self._close_expired(idle)
         while idle:
             conn = idle.pop()  # most recently used first: warmest, least likely stale
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
@@ -324,7 +455,18 @@ class UpstreamClient:
         if len(pool.idle) >= self._max_idle:
             conn.close()
         else:
+            assert self._loop is not None
+            conn.idle_since = self._loop.time()
             pool.idle.append(conn)
+            self._close_expired(pool.idle)
+
+    def _close_expired(self, idle: collections.deque[_Connection]) -> None:
+        """Close connections idle longer than upstream_idle_conn_timeout (the oldest are on
+        the left: connections are appended when they become idle)."""
+        assert self._loop is not None
+        expired = self._loop.time() - self.limits.upstream_idle_conn_timeout
+        while idle and idle[0].idle_since < expired:
+            idle.popleft().close()
 
     async def _connect(self, pool: _Pool, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -345,12 +487,12 @@ class UpstreamClient:
                 "unreachable", f"timed out connecting to upstream {upstream.url} ({timeout:g}s)"
             ) from None
         except ssl.SSLCertVerificationError as exc:
-            raise UpstreamError(
-                "tls", f"upstream {upstream.url} certificate not trusted: {exc.verify_message}"
+            raise _tls_error(
+                f"upstream {upstream.url} certificate not trusted: {exc.verify_message}", exc
             ) from exc
         except ssl.SSLError as exc:
-            raise UpstreamError(
-                "tls", f"TLS handshake with upstream {upstream.url} failed: {exc}"
+            raise _tls_error(
+                f"TLS handshake with upstream {upstream.url} failed: {exc}", exc
             ) from exc
         except OSError as exc:
             reason = exc.strerror or str(exc) or type(exc).__name__
