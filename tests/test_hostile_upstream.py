@@ -324,3 +324,17 @@ async def test_an_expired_router_client_certificate_is_named_as_the_cause(
         "metrics_router_upstream_tls_errors_total",
         {"tenant": "a", "cause": "client-certificate-rejected"},
     )
+
+
+async def test_idle_upstream_connections_expire(start_router: StartRouter) -> None:
+    h = await start_router(
+        {"a": ["tenant-a"], "b": ["tenant-b"]}, extra_args=["--upstream-idle-conn-timeout", "200ms"]
+    )
+    assert (await h.request(metric_path("tenant-a"))).status == 200
+    assert (await h.request(metric_path("tenant-a"))).status == 200
+    assert h.stubs["a"].connections == 1  # reused while fresh
+    loop = asyncio.get_running_loop()
+    idle_from = loop.time()
+    await wait_until(lambda: loop.time() - idle_from > 0.3, within=5)  # let the pool age
+    assert (await h.request(metric_path("tenant-a"))).status == 200
+    assert h.stubs["a"].connections == 2  # the expired one was closed, not reused

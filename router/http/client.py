@@ -166,8 +166,15 @@ class _Connection(asyncio.Protocol):
                 self._fail(UpstreamError("protocol", f"upstream sent a malformed response: {exc}"))
                 return
             self._surplus = True  # garbage after a complete response
-        if self._done:
-            self._finish()
+        if self._done and self.callback is not None:
+            # The final response ended: reusable only when it ended exactly at the end of the
+            # bytes received (no surplus) and keep-alive holds.
+            self.keep_alive = self.keep_alive and not self.closed and not self._surplus
+            self._complete(
+                UpstreamResponse(
+                    self._parser.get_status_code(), self._headers, b"".join(self._body)
+                )
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -320,6 +327,7 @@ class UpstreamClient:
         own_certificate_expiry: Callable[[], datetime | None] | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        self._idle_timeout = self.limits.upstream_idle_conn_timeout
         self._own_expiry = own_certificate_expiry
         self._ssl_context = ssl_context
         self._timeout = timeout
@@ -337,11 +345,12 @@ class UpstreamClient:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        now = loop.time()
+        deadline = now + self._timeout
         pool = self._pools.get(upstream)
         if pool is None:
             pool = self._pools[upstream] = _Pool(upstream)
-        conn = self._take_idle(pool)
+        conn = self._take_idle(pool, now) if pool.idle else None
         if conn is None:
             self._connect_then_send(pool, head, deadline, callback)
         else:
@@ -440,33 +449,35 @@ class UpstreamClient:
         self._busy.add(conn)
         conn.begin(head, deadline, callback)
 
-    def _take_idle(self, pool: _Pool) -> _Connection | None:
+    def _take_idle(self, pool: _Pool, now: float) -> _Connection | None:
         idle = pool.idle
-        if idle:
-            self._close_expired(idle)
+        oldest_ok = now - self._idle_timeout
         while idle:
             conn = idle.pop()  # most recently used first: warmest, least likely stale
+            if conn.idle_since < oldest_ok:
+                # Idle longer than upstream_idle_conn_timeout: this one and every older one.
+                conn.close()
+                while idle:
+                    idle.pop().close()
+                return None
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 return conn
         return None
 
     def _put_idle(self, pool: _Pool, conn: _Connection) -> None:
-        if len(pool.idle) >= self._max_idle:
+        idle = pool.idle
+        if len(idle) >= self._max_idle:
             conn.close()
-        else:
-            assert self._loop is not None
-            conn.idle_since = self._loop.time()
-            pool.idle.append(conn)
-            self._close_expired(pool.idle)
-
-    def _close_expired(self, idle: collections.deque[_Connection]) -> None:
-        """Close connections idle longer than upstream_idle_conn_timeout (the oldest are on
-        the left: connections are appended when they become idle)."""
+            return
         assert self._loop is not None
-        expired = self._loop.time() - self.limits.upstream_idle_conn_timeout
-        while idle and idle[0].idle_since < expired:
-            idle.popleft().close()
+        now = conn.idle_since = self._loop.time()
+        idle.append(conn)
+        if idle[0].idle_since < now - self._idle_timeout:
+            # The oldest are on the left (connections are appended when they become idle).
+            oldest_ok = now - self._idle_timeout
+            while idle and idle[0].idle_since < oldest_ok:
+                idle.popleft().close()
 
     async def _connect(self, pool: _Pool, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()

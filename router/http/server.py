@@ -62,10 +62,11 @@ logger = logging.getLogger(__name__)
 _JSON_TYPE = b"Content-Type: application/json\r\n"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
     """An answer: status, header lines (CRLF-terminated, no Content-Length/Connection/Date),
-    body, and what the access log says about where it came from."""
+    body, and what the access log says about where it came from. Treated as immutable (not
+    frozen: a frozen dataclass costs an object.__setattr__ per field, once per request)."""
 
     status: int
     headers: bytes
@@ -209,6 +210,7 @@ class _ServerConnection(asyncio.Protocol):
         "_raw",
         "_read_paused_by_queue",
         "_read_paused_by_writes",
+        "_read_timeout",
         "_reading_paused",
         "_request_headers",
         "_server",
@@ -232,6 +234,7 @@ class _ServerConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._request_headers: list[tuple[bytes, bytes]] = []
         self._max_header_bytes = server.limits.max_header_bytes
+        self._read_timeout = server.limits.read_timeout
         self._header_bytes = 0
         self._body_bytes = 0
         self._http10 = False
@@ -434,7 +437,7 @@ class _ServerConnection(asyncio.Protocol):
         self._in_body = True
         self._body_bytes = 0
         self.phase = "body"
-        self.deadline = self._server.now + self._limits.read_timeout
+        self.deadline = self._server.now + self._read_timeout
 
     def on_message_complete(self) -> None:
         if self._failed:
