@@ -23,16 +23,17 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from router import logs, tlsfiles
-from router.config import RequestHeaderSettings, ServeConfig
+from router import logs
+from router import tls as tlsfiles
+from router.cli.options import RequestHeaderSettings, ServeConfig
+from router.core.durations import format_duration, parse_host_port
+from router.core.live_routes import LiveRoutes
+from router.core.routes import RoutesError, RouteTable, Upstream, parse_routes_file
+from router.core.version import version
 from router.http.client import UpstreamClient
 from router.http.server import ProxyServer
-from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
-from router.options import format_duration, parse_host_port
 from router.proxy import IdentityHeaders, Proxy
-from router.routes import RoutesError, RouteTable, Upstream, parse_routes_file
-from router.version import version
 
 logger = logging.getLogger(__name__)
 
@@ -465,9 +466,8 @@ class Router:
         return True
 
     async def _start_cluster(self) -> None:
-        from router import kubeconfig
         from router.cluster import client as kube
-        from router.cluster import requestheader, routes_loop  # loaded only when used
+        from router.cluster import kubeconfig, requestheader, routes_loop  # loaded only when used
 
         cfg = self.config
         try:

@@ -94,7 +94,7 @@ class ProxyMetrics:
             multiprocess_mode="min",
         )
         self.start_time.set(time.time())
-        # Stale answers (router/stale.py): served instead of an upstream failure.
+        # Stale answers (router/core/stale.py): served instead of an upstream failure.
         self.stale_answers = Counter(
             "metrics_router_stale_answers_total",
             "Failed requests answered with the caller's own last good answer, by tenant and "

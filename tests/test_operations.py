@@ -17,11 +17,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from router import cli, kubeconfig, logs
-from router.certs import Pki
+from router import logs
+from router.cli import main as cli
 from router.cluster import client as kube
-from router.keda_stub import KedaStub
-from router.version import version
+from router.cluster import kubeconfig
+from router.core.version import version
+from router.devtools.keda_stub import KedaStub
+from router.devtools.pki import Pki
 from tests.conftest import HPA_IDENTITY, RawConnection, client_ssl_context, metric_path, routes_yaml
 from tests.fakeapi import FakeKube
 from tests.test_serve_cli import _read_until, base_args, make_stub, run_cli, running_router

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from router.cli.options import TenancySettings
 from router.cluster import client as kube
 from router.cluster.lease import LeaderElector
 from router.cluster.policy_loop import FIELD_MANAGER, PolicySync, PolicySyncSettings
@@ -25,7 +26,6 @@ from router.cluster.policy_options import (
     parse_duration,
     policy_settings_from_args,
 )
-from router.config import TenancySettings
 from router.core.policy import (
     KIND_CILIUM,
     KIND_NETWORKPOLICY,

@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from router import status
-from router.certs import Pki
-from router.config import RequestHeaderSettings
+from router.cli.options import RequestHeaderSettings
+from router.core import status
+from router.devtools.pki import Pki
 from router.proxy import IdentityHeaders, forward_headers
 from tests.conftest import (
     HPA_IDENTITY,

@@ -47,12 +47,12 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
+from router.cli.options import TenancySettings
 from router.cluster import client as kube
 from router.cluster.lease import LeaderElector
 from router.cluster.metrics import PolicyMetrics
 from router.cluster.reads import discover_apiserver_cidrs, list_all, namespace_meta
 from router.cluster.retry import Backoff
-from router.config import TenancySettings
 from router.core.policy import (
     CILIUM_API,
     KIND_CILIUM,
@@ -70,8 +70,8 @@ from router.core.policy import (
     root_namespace_of,
     tenant_networks,
 )
+from router.core.routes import RouteTable
 from router.core.tenancy import NamespaceInfo, Resolution
-from router.routes import RouteTable
 from router.settings import LeaderElectionSettings
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from router.cluster.informer import Informer
 from router.cluster.metrics import cluster_metrics
 from router.cluster.retry import Backoff
 from router.core import tenancy
-from router.routes import RouteTable, Upstream
+from router.core.routes import RouteTable, Upstream
 from router.settings import TenancySettings
 
 logger = logging.getLogger(__name__)

@@ -27,18 +27,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from router import tlsfiles
-from router.config import (
+from router import tls as tlsfiles
+from router.cli.options import (
     DEFAULT_EXTRA_PREFIXES,
     DEFAULT_GROUP_HEADERS,
     DEFAULT_USERNAME_HEADERS,
     add_serve_arguments,
     tenancy_from_args,
 )
+from router.core.durations import duration, parse_host_port
+from router.core.routes import RoutesError, parse_routes_file
 from router.doctor import checks, gather, probes, report
 from router.doctor.snapshot import RequestHeader, RouterState, RoutesFile, Snapshot
-from router.options import duration, parse_host_port
-from router.routes import RoutesError, parse_routes_file
 
 NETWORK_MODES = ("auto", "direct", "try", "none")
 

@@ -35,6 +35,7 @@ from router.core.policy import (
     render,
     tenant_networks,
 )
+from router.core.routes import RouteTable
 from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve, tenant_of
 from router.doctor.checks import GROUP
 from router.doctor.probes import Network, join_address, probe_serving, split_address
@@ -50,7 +51,6 @@ from router.doctor.snapshot import (
     Tenancy,
     UpstreamService,
 )
-from router.routes import RouteTable
 from router.settings import TenancySettings
 
 MAX_SERVING_PROBES = 3

@@ -21,7 +21,8 @@ import aiohttp
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from router import tlsfiles
+from router import tls as tlsfiles
+from router.core.routes import RouteTable, Upstream
 from router.doctor.checks import DOCTOR_GROUP, DOCTOR_USER, GROUP
 from router.doctor.snapshot import (
     CertInfo,
@@ -33,7 +34,6 @@ from router.doctor.snapshot import (
     TrustProbe,
     UpstreamService,
 )
-from router.routes import RouteTable, Upstream
 
 DISCOVERY_PATH = f"/apis/{GROUP}/v1beta1"
 MAX_BODY = 1 << 20

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import httptools
 
-from router import status
+from router.core import status
 from router.http import tls_errors
 from router.http.limits import (
     MAX_HEADER_LINE,

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from router.core.durations import format_duration
 from router.doctor.snapshot import CertInfo, Cluster, Obj, Snapshot
-from router.options import format_duration
 
 Status = Literal["ok", "fail", "skipped"]
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from router import logs
+from router.core.durations import byte_size, duration, format_duration, parse_host_port
 from router.http.limits import Limits
-from router.options import byte_size, duration, format_duration, parse_host_port
 from router.settings import DEFAULT_TENANT_PATTERN, DEFAULT_UPSTREAM_SERVICE_SELECTOR, STRATEGIES
 from router.settings import TenancySettings as TenancySettings
 
@@ -54,7 +54,7 @@ class RequestHeaderSettings:
 
 @dataclass(frozen=True, slots=True)
 class StaleSettings:
-    """Last-known-good answers while a tenant's metrics server fails (router/stale.py).
+    """Last-known-good answers while a tenant's metrics server fails (router/core/stale.py).
 
     ``serve_stale_for`` is the default for every tenant (0 = off); a tenant's routes-file entry
     or its metrics Service annotation overrides it. The caps bound the memory held."""

@@ -31,9 +31,9 @@ from prometheus_client import CollectorRegistry
 
 from router import logs
 from router.app import Router, StartupError
-from router.config import ConfigError, ServeConfig, add_serve_arguments, serve_config_from_args
+from router.cli.options import ConfigError, ServeConfig, add_serve_arguments, serve_config_from_args
 
-logger = logging.getLogger("router.serve")
+logger = logging.getLogger("router.cli.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,9 +34,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.config import StaleSettings
-from router.options import format_duration
-from router.routes import DEFAULT_TENANT, RouteTable
+from router.cli.options import StaleSettings
+from router.core.durations import format_duration
+from router.core.routes import DEFAULT_TENANT, RouteTable
 
 Key = tuple[
     bytes,  # the request target, path and query as received

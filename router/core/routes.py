@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from router.names import is_dns1123_label, is_dns1123_subdomain
-from router.options import parse_duration
+from router.core.durations import parse_duration
+from router.core.names import is_dns1123_label, is_dns1123_subdomain
 
 # libyaml's loader when PyYAML was built with it: the pure-Python one takes most of the load
 # time of a 10,000-namespace routes file.

@@ -12,7 +12,8 @@ is recorded as a :class:`SeenRequest` in ``stub.seen``; ``await stub.wait_for_re
 waits for them without sleeping. ``stub.behaviour`` (:class:`StubBehaviour`) switches faults at
 run time: delay, hang, fail_status, drop, content_type/body override.
 
-Standalone: ``python -m router.keda_stub --tenant tenant-a --cert F --key F --client-ca F --port N``
+Standalone: ``python -m router.devtools.keda_stub --tenant tenant-a --cert F --key F
+--client-ca F --port N``
 prints ``listening on https://HOST:PORT`` once it accepts connections.
 """
 
@@ -406,7 +407,7 @@ async def serve_forever(stub: KedaStub, host: str = "127.0.0.1", port: int = 0) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m router.keda_stub",
+        prog="python -m router.devtools.keda_stub",
         description="A stand-in for a tenant's KEDA metrics server (mTLS, X-Remote-* identity).",
     )
     parser.add_argument("--tenant", required=True)
