@@ -13,9 +13,9 @@ from pathlib import Path
 
 from router import logs
 from router.core.durations import byte_size, duration, format_duration, parse_host_port
-from router.http.limits import Limits
 from router.settings import DEFAULT_TENANT_PATTERN, DEFAULT_UPSTREAM_SERVICE_SELECTOR, STRATEGIES
 from router.settings import TenancySettings as TenancySettings
+from router.settings.limits import Limits
 
 DEFAULT_USERNAME_HEADERS = ("X-Remote-User",)
 DEFAULT_UID_HEADERS = ("X-Remote-Uid",)
@@ -320,7 +320,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_limits_arguments(parser: argparse.ArgumentParser) -> None:
-    """Bounds of the data path (router/http/limits.py), named as Go's net/http names them."""
+    """Bounds of the data path (router/settings/limits.py), named as Go's net/http names them."""
     d = Limits()
     g = parser.add_argument_group(
         "limits of the secure port and the upstream client (durations: 500ms, 10s, 1m30s; "

@@ -40,7 +40,7 @@ import httptools
 
 from router.core.routes import Upstream
 from router.http import tls_errors
-from router.http.limits import Limits
+from router.settings.limits import Limits
 
 logger = logging.getLogger(__name__)
 
