@@ -40,11 +40,11 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.cli.options import TenancySettings  # noqa: E402
 from router.cluster import client as kube  # noqa: E402
 from router.cluster.routes_loop import ClusterRoutes  # noqa: E402
 from router.core import tenancy  # noqa: E402
 from router.core.tenancy import upstreams  # noqa: E402
+from router.settings import TenancySettings  # noqa: E402
 
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}
 ROOT_LABEL = ("tenancy.metrics-router.io/root", "true")

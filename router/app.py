@@ -25,7 +25,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 
 from router import logs
 from router import tls as tlsfiles
-from router.cli.options import RequestHeaderSettings, ServeConfig
 from router.core.durations import format_duration, parse_host_port
 from router.core.live_routes import LiveRoutes
 from router.core.routes import RoutesError, RouteTable, Upstream, parse_routes_file
@@ -34,6 +33,7 @@ from router.http.client import UpstreamClient
 from router.http.server import ProxyServer
 from router.metrics import ProxyMetrics
 from router.proxy import IdentityHeaders, Proxy
+from router.settings.serve import RequestHeaderSettings, ServeConfig
 
 logger = logging.getLogger(__name__)
 

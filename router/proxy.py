@@ -26,13 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.cli.options import RequestHeaderSettings, StaleSettings
 from router.core import paths, stale, status
 from router.core.live_routes import LiveRoutes
 from router.core.routes import Upstream
 from router.http.client import UpstreamClient, UpstreamError, UpstreamResponse
 from router.http.server import Reply, status_reply
 from router.metrics import ProxyMetrics
+from router.settings.serve import RequestHeaderSettings, StaleSettings
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("router.access")

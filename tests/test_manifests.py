@@ -23,7 +23,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from router.cli.options import TenancySettings
 from router.cli.render import output_files, write_output_dir
 from router.core.names import is_dns1123_label, is_dns1123_subdomain
 from router.core.policy import (
@@ -60,6 +59,7 @@ from router.core.policy import (
 )
 from router.core.routes import RouteTable, parse_routes_file
 from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve
+from router.settings import TenancySettings
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 CILIUM_SCHEMA = SCHEMAS / "cilium.io" / "ciliumclusterwidenetworkpolicy_v2.json"

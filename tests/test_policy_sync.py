@@ -17,7 +17,6 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from router.cli.options import TenancySettings
 from router.cluster import client as kube
 from router.cluster.lease import LeaderElector
 from router.cluster.policy_loop import FIELD_MANAGER, PolicySync, PolicySyncSettings
@@ -33,7 +32,7 @@ from router.core.policy import (
     parse_policy_config,
 )
 from router.core.tenancy import NamespaceInfo, Resolution, resolve
-from router.settings import LeaderElectionSettings
+from router.settings import LeaderElectionSettings, TenancySettings
 from tests.conftest import wait_until as poll_until
 from tests.fakeapi import FakeKube
 from tests.test_manifests import talk_tree

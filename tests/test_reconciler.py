@@ -11,17 +11,17 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
-from router.cli.options import (
-    DEFAULT_GROUP_HEADERS,
-    DEFAULT_USERNAME_HEADERS,
-    RequestHeaderSettings,
-    TenancySettings,
-)
 from router.cluster.metrics import cluster_metrics
 from router.cluster.requestheader import RequestHeaderFollower, parse_auth_configmap
 from router.cluster.routes_loop import ClusterRoutes
 from router.core.routes import RouteTable
 from router.metrics import ProxyMetrics
+from router.settings import TenancySettings
+from router.settings.serve import (
+    DEFAULT_GROUP_HEADERS,
+    DEFAULT_USERNAME_HEADERS,
+    RequestHeaderSettings,
+)
 from tests.fakeapi import FakeKube, Signal, fast_backoff, running
 
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}

@@ -25,7 +25,6 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
 from router.cli import main as cli
-from router.cli.options import TenancySettings
 from router.cli.reloader import config_from_args, parse_duration
 from router.cli.reloader import main as reloader_main
 from router.cluster.client import api_client
@@ -35,7 +34,7 @@ from router.reloader.health import start_health_server
 from router.reloader.metrics import ReloaderMetrics
 from router.reloader.shell import Reloader
 from router.reloader.source import NamespaceSource
-from router.settings import ReloaderSettings
+from router.settings import ReloaderSettings, TenancySettings
 from tests.fakeapi import FakeKube
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")

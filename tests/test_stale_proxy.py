@@ -13,10 +13,10 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
-from router.cli.options import TenancySettings
 from router.cluster.routes_loop import ClusterRoutes
 from router.core.routes import RouteTable
 from router.core.tenancy import SERVE_STALE_ANNOTATION
+from router.settings import TenancySettings
 from tests.conftest import (
     HPA_IDENTITY,
     Reply,

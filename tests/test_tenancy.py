@@ -7,7 +7,6 @@ from collections.abc import Mapping
 
 import pytest
 
-from router.cli.options import TenancySettings
 from router.core.routes import Upstream
 from router.core.tenancy import (
     HNC_DEPTH_SUFFIX,
@@ -16,6 +15,7 @@ from router.core.tenancy import (
     resolve,
     tenant_of,
 )
+from router.settings import TenancySettings
 
 ROOT = {"tenancy.metrics-router.io/root": "true"}
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}

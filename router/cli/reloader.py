@@ -25,14 +25,14 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from router import logs
-from router.cli.options import TenancySettings, add_tenancy_arguments, tenancy_from_args
+from router.cli.options import add_tenancy_arguments, tenancy_from_args
 from router.cluster.client import KubeConfigError, api_client
 from router.core.durations import parse_duration, parse_host_port
 from router.reloader.health import start_health_server
 from router.reloader.metrics import ReloaderMetrics
 from router.reloader.shell import Reloader
 from router.reloader.source import NamespaceSource
-from router.settings import ReloaderSettings
+from router.settings import ReloaderSettings, TenancySettings
 
 logger = logging.getLogger(__name__)
 

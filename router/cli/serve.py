@@ -31,7 +31,9 @@ from prometheus_client import CollectorRegistry
 
 from router import logs
 from router.app import Router, StartupError
-from router.cli.options import ConfigError, ServeConfig, add_serve_arguments, serve_config_from_args
+from router.cli.options import add_serve_arguments, serve_config_from_args
+from router.core.errors import ConfigError
+from router.settings.serve import ServeConfig
 
 logger = logging.getLogger("router.cli.serve")
 

@@ -47,7 +47,6 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
-from router.cli.options import TenancySettings
 from router.cluster import client as kube
 from router.cluster.lease import LeaderElector
 from router.cluster.metrics import PolicyMetrics
@@ -72,7 +71,7 @@ from router.core.policy import (
 )
 from router.core.routes import RouteTable
 from router.core.tenancy import NamespaceInfo, Resolution
-from router.settings import LeaderElectionSettings
+from router.settings import LeaderElectionSettings, TenancySettings
 
 logger = logging.getLogger(__name__)
 

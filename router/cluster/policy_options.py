@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from router.cli.options import TenancySettings, tenancy_from_args
+from router.cli.options import tenancy_from_args
 from router.cluster.lease import default_identity
 from router.cluster.policy_loop import PolicySyncSettings
 from router.core.durations import parse_duration
@@ -18,7 +18,7 @@ from router.core.policy import (
     PolicyConfig,
     parse_policy_config,
 )
-from router.settings import LeaderElectionSettings
+from router.settings import LeaderElectionSettings, TenancySettings
 
 logger = logging.getLogger(__name__)
 

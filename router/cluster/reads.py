@@ -12,13 +12,13 @@ from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
 
-from router.cli.options import TenancySettings
 from router.cluster import client as kube
 from router.core.policy import (
     NamespaceMeta,
 )
 from router.core.routes import RouteTable
 from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve
+from router.settings import TenancySettings
 
 logger = logging.getLogger(__name__)
 

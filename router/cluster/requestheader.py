@@ -26,16 +26,16 @@ from collections.abc import Callable, Mapping
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
-from router.cli.options import (
+from router.cluster.informer import Informer
+from router.cluster.metrics import cluster_metrics
+from router.cluster.retry import Backoff
+from router.settings.serve import (
     DEFAULT_EXTRA_PREFIXES,
     DEFAULT_GROUP_HEADERS,
     DEFAULT_UID_HEADERS,
     DEFAULT_USERNAME_HEADERS,
     RequestHeaderSettings,
 )
-from router.cluster.informer import Informer
-from router.cluster.metrics import cluster_metrics
-from router.cluster.retry import Backoff
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from router.core.durations import parse_duration
+from router.core.errors import ConfigError
 from router.core.names import is_dns1123_label, is_dns1123_subdomain
 
 # libyaml's loader when PyYAML was built with it: the pure-Python one takes most of the load
@@ -52,12 +53,8 @@ class _SafeLoader(_BaseSafeLoader):  # type: ignore[misc, valid-type]
         return mapping
 
 
-class RoutesError(ValueError):
+class RoutesError(ConfigError, ValueError):
     """A routes document or tenant set that cannot be turned into a RouteTable."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("; ".join(errors))
-        self.errors = errors
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,9 +34,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.cli.options import StaleSettings
 from router.core.durations import format_duration
 from router.core.routes import DEFAULT_TENANT, RouteTable
+from router.settings.serve import StaleSettings
 
 Key = tuple[
     bytes,  # the request target, path and query as received

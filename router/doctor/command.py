@@ -28,17 +28,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from router import tls as tlsfiles
-from router.cli.options import (
-    DEFAULT_EXTRA_PREFIXES,
-    DEFAULT_GROUP_HEADERS,
-    DEFAULT_USERNAME_HEADERS,
-    add_serve_arguments,
-    tenancy_from_args,
-)
-from router.core.durations import duration, parse_host_port
+from router.cli.options import add_serve_arguments, duration, tenancy_from_args
+from router.core.durations import parse_host_port
 from router.core.routes import RoutesError, parse_routes_file
 from router.doctor import checks, gather, probes, report
 from router.doctor.snapshot import RequestHeader, RouterState, RoutesFile, Snapshot
+from router.settings.serve import (
+    DEFAULT_EXTRA_PREFIXES,
+    DEFAULT_GROUP_HEADERS,
+    DEFAULT_USERNAME_HEADERS,
+)
 
 NETWORK_MODES = ("auto", "direct", "try", "none")
 

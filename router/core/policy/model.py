@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from router.cli.options import ConfigError
+from router.core.errors import ConfigError
 from router.core.names import is_dns1123_label
 
 OWNER_LABEL = "app.kubernetes.io/managed-by"
