@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from router.cluster import client as kube
 from router.cluster.lease import LeaderElector
 from router.cluster.policy_loop import FIELD_MANAGER, PolicySync, PolicySyncSettings
-from router.cluster.policy_options import (
+from router.cli.policy_options import (
     add_policy_arguments,
     parse_duration,
     policy_settings_from_args,

@@ -32,7 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "run a tenant's KEDA operator, restarting it on namespace changes",
     ),
     "demo": ("router.devtools.demo", "the whole request path on this machine, no cluster needed"),
-    "doctor": ("router.doctor.command", "check a live installation end to end; a fix per fault"),
+    "doctor": ("router.cli.doctor", "check a live installation end to end; a fix per fault"),
     "version": ("router.cli.main", "print the version"),
 }
 

@@ -39,7 +39,7 @@ logger = logging.getLogger("router.cli.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from router.cluster.policy_options import add_policy_arguments
+    from router.cli.policy_options import add_policy_arguments
 
     add_serve_arguments(parser)
     add_policy_arguments(parser)
@@ -82,7 +82,7 @@ async def serve(
 
 
 def run(args: argparse.Namespace) -> int:
-    from router.cluster.policy_options import policy_settings_from_args
+    from router.cli.policy_options import policy_settings_from_args
 
     errors: list[str] = []
     try:

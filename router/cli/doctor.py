@@ -43,7 +43,7 @@ NETWORK_MODES = ("auto", "direct", "try", "none")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from router.cluster.policy_options import add_policy_arguments
+    from router.cli.policy_options import add_policy_arguments
 
     add_serve_arguments(parser)
     add_policy_arguments(parser)
