@@ -17,14 +17,14 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from router.cluster import client as kube
-from router.cluster.lease import LeaderElector
-from router.cluster.policy_loop import FIELD_MANAGER, PolicySync, PolicySyncSettings
 from router.cli.policy_options import (
     add_policy_arguments,
     parse_duration,
     policy_settings_from_args,
 )
+from router.cluster import client as kube
+from router.cluster.lease import LeaderElector
+from router.cluster.policy_loop import FIELD_MANAGER, PolicySync, PolicySyncSettings
 from router.core.policy import (
     KIND_CILIUM,
     KIND_NETWORKPOLICY,

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from router import logs
 from router.core.durations import format_duration, parse_byte_size, parse_duration, parse_host_port
 from router.core.errors import ConfigError
 from router.settings import (
@@ -36,6 +35,8 @@ from router.settings.serve import (
 
 DEFAULT_UPSTREAM_TEMPLATE_EXAMPLE = "https://keda-operator-metrics-apiserver.{tenant}--sys.svc:443"
 DEFAULT_TENANT_ROOT_LABEL = "tenancy.metrics-router.io/root=true"
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 T = TypeVar("T")
 
@@ -55,6 +56,16 @@ def _argparse_type(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
 
 duration = _argparse_type(parse_duration, "duration")
 byte_size = _argparse_type(parse_byte_size, "size")
+
+
+def add_log_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The log flags every long-running subcommand shares."""
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text (key=value) or json"
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="lowest level logged"
+    )
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -269,7 +280,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a certificate expiring within this time logs a warning and sets "
         "metrics_router_certificate_expiring_soon",
     )
-    logs.add_log_arguments(g)
+    add_log_arguments(g)
 
 
 def add_limits_arguments(parser: argparse.ArgumentParser) -> None:

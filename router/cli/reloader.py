@@ -25,7 +25,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from router import logs
-from router.cli.options import add_tenancy_arguments, tenancy_from_args
+from router.cli import logs as cli_logs
+from router.cli.options import add_log_arguments, add_tenancy_arguments, tenancy_from_args
 from router.cluster.client import KubeConfigError, api_client
 from router.core.durations import parse_duration, parse_host_port
 from router.reloader.health import start_health_server
@@ -98,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="0.0.0.0:8090",
         help="HOST:PORT for /healthz and /metrics; '0' disables",
     )
-    logs.add_log_arguments(g)
+    add_log_arguments(g)
     parser.add_argument(
         "command", nargs="*", metavar="COMMAND", help="the operator command line, after '--'"
     )
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         for error in errors:
             print(f"metrics-router reloader: error: {error}", file=sys.stderr)
         return 2
-    logs.setup(config.log_level, config.log_format)
+    cli_logs.setup(config.log_level, config.log_format)
     return asyncio.run(main(config))
 
 

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from router import logs
 from router.app import Router, StartupError
+from router.cli import logs as cli_logs
 from router.cli.options import add_serve_arguments, serve_config_from_args
 from router.core.errors import ConfigError
 from router.settings.serve import ServeConfig
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         for error in errors:
             print(f"metrics-router serve: error: {error}", file=sys.stderr)
         return 2  # a usage error, as argparse's own
-    logs.setup(config.log_level, config.log_format)
+    cli_logs.setup(config.log_level, config.log_format)
     if config.workers > 1:
         problem = port_held_by_another_process(config.bind_address, config.secure_port)
         if problem is not None:
