@@ -1,9 +1,9 @@
 """Composition root of `metrics-router serve`: build everything, run it, stop it gracefully.
 
-One ``Router`` owns: the secure port (aiohttp low-level server, TLS context switched per
-handshake), the upstream client and its pools, the live route table and where it comes from
-(a routes file, or the cluster's tenancy), the file watcher that reloads certificates and the
-routes file, and the metrics port (/metrics, /routes, health).
+One ``Router`` owns: the secure port (router.http.server's strict HTTP/1.1 server, TLS context
+switched per handshake), the upstream client and its pools, the live route table and where it
+comes from (a routes file, or the cluster's tenancy), the file watcher that reloads certificates
+and the routes file, and the metrics port (/metrics, /routes, health).
 """
 
 from __future__ import annotations

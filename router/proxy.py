@@ -74,10 +74,13 @@ _TEXT_TYPE = b"Content-Type: text/plain; charset=utf-8\r\n"
 MULTIPLE_COMMON_NAMES = "\x00multiple"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class IdentityHeaders:
     """Lower-case header names (bytes) that carry the caller's identity, and their canonical
-    upstream names (the defaults KEDA's metrics server reads)."""
+    upstream names (the defaults KEDA's metrics server reads).
+
+    Not frozen: ``name_actions`` is a cache filled as header names are seen (one per Proxy, so
+    one per identity-header configuration); the name sets are never reassigned."""
 
     user: frozenset[bytes]
     uid: frozenset[bytes]

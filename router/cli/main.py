@@ -33,7 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": ("router.devtools.demo", "the whole request path on this machine, no cluster needed"),
     "doctor": ("router.cli.doctor", "check a live installation end to end; a fix per fault"),
-    "version": ("router.cli.main", "print the version"),
+    "version": ("router.cli.version", "print the version"),
 }
 
 
@@ -69,15 +69,6 @@ class Parser(argparse.ArgumentParser):
             usage = f"usage: {self.prog} [flags]\n"
         sys.stderr.write(usage)
         self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for every flag.\n")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`metrics-router version` takes no flags."""
-
-
-def run(args: argparse.Namespace) -> int:
-    print(f"metrics-router {version()}")
-    return 0
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:

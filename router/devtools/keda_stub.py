@@ -40,6 +40,8 @@ from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
+# The stub stands in for another server (KEDA's metrics apiserver), so it names the API group
+# itself rather than importing the router's router.core.status: it must not change if ours does.
 GROUP = "external.metrics.k8s.io"
 VERSION = "v1beta1"
 GROUP_VERSION = f"{GROUP}/{VERSION}"

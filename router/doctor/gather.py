@@ -36,8 +36,8 @@ from router.core.policy import (
     tenant_networks,
 )
 from router.core.routes import RouteTable
+from router.core.status import GROUP
 from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve, tenant_of
-from router.doctor.checks import GROUP
 from router.doctor.probes import Network, join_address, probe_serving, split_address
 from router.doctor.snapshot import (
     Cluster,

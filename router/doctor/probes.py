@@ -23,7 +23,8 @@ from cryptography.x509.oid import NameOID
 
 from router import tls as tlsfiles
 from router.core.routes import RouteTable, Upstream
-from router.doctor.checks import DOCTOR_GROUP, DOCTOR_USER, GROUP
+from router.core.status import GROUP
+from router.doctor.checks import DOCTOR_GROUP, DOCTOR_USER
 from router.doctor.snapshot import (
     CertInfo,
     Endpoints,

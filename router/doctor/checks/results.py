@@ -16,7 +16,6 @@ from router.doctor.snapshot import CertInfo, Cluster, Obj, Snapshot
 
 Status = Literal["ok", "fail", "skipped"]
 
-GROUP = "external.metrics.k8s.io"
 DOCTOR_USER = "metrics-router:doctor"
 DOCTOR_GROUP = "system:authenticated"
 KEDA_OPERATOR = "keda-operator"
