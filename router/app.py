@@ -16,12 +16,11 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from router import logs
 from router import tls as tlsfiles
@@ -31,7 +30,7 @@ from router.core.routes import RoutesError, RouteTable, Upstream, parse_routes_f
 from router.core.version import version
 from router.http.client import UpstreamClient
 from router.http.server import ProxyServer
-from router.metrics import ProxyMetrics
+from router.metrics import ClusterMetrics, ExpiryWarnings, PolicyMetrics, ProxyMetrics, ReloadState
 from router.proxy import IdentityHeaders, Proxy
 from router.settings.serve import RequestHeaderSettings, ServeConfig
 
@@ -40,56 +39,6 @@ logger = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """The router cannot start with this configuration; the message says why."""
-
-
-class ExpiryWarnings:
-    """Certificates close to expiry: a gauge per certificate and one warning per expiry."""
-
-    def __init__(self, registry: CollectorRegistry, window: float) -> None:
-        self.window = window
-        self.expiring = Gauge(
-            "metrics_router_certificate_expiring_soon",
-            "1 when the certificate expires within --certificate-expiry-warning, else 0.",
-            ["certificate"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self._warned: dict[str, datetime] = {}
-
-    def check(self, name: str, not_after: datetime, now: datetime | None = None) -> bool:
-        left = (not_after - (now or datetime.now(UTC))).total_seconds()
-        soon = left < self.window
-        self.expiring.labels(name).set(1 if soon else 0)
-        if soon and self._warned.get(name) != not_after:
-            self._warned[name] = not_after
-            logger.warning(
-                "certificate expires soon",
-                extra=logs.fields(
-                    certificate=name,
-                    not_after=not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    hours_left=round(left / 3600, 1),
-                ),
-            )
-        return soon
-
-
-class ReloadState:
-    """Whether the last attempt to load each source succeeded: a bad file stays bad without
-    new failures being counted (they are counted once per distinct error), so alerts read
-    this gauge rather than the failure counter's increase."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.ok = Gauge(
-            "metrics_router_last_reload_successful",
-            "1 when the last load of the source (serving, proxy-client, routes, requestheader) "
-            "succeeded, 0 while the router serves with the last good version.",
-            ["source"],
-            registry=registry,
-            multiprocess_mode="livemin",
-        )
-
-    def set(self, source: str, ok: bool) -> None:
-        self.ok.labels(source).set(1 if ok else 0)
 
 
 def _second_signal_exit(signum: int) -> None:
@@ -484,8 +433,10 @@ class Router:
                 self._api,
                 kind=self._policy_settings.kind,
                 settings=self._policy_settings,
-                registry=self.registry,
+                metrics=PolicyMetrics(self.registry),
             )
+
+        cluster_metrics = ClusterMetrics(self.registry)  # one set for both watch loops
 
         def on_table(table: RouteTable) -> None:
             self.live.swap(table, "cluster")
@@ -497,7 +448,7 @@ class Router:
         routes = routes_loop.ClusterRoutes(
             self._api,
             cfg.tenancy,
-            registry=self.registry,
+            metrics=cluster_metrics,
             on_table=on_table,
             default=self.default_upstream,
         )
@@ -507,7 +458,7 @@ class Router:
         self._tasks.append(asyncio.create_task(routes.run(), name="cluster-routes"))
         if not cfg.requestheader_from_flags:
             follower = requestheader.RequestHeaderFollower(
-                self._api, self._on_configmap, registry=self.registry
+                self._api, self._on_configmap, metrics=cluster_metrics
             )
             self._tasks.append(asyncio.create_task(follower.run(), name="requestheader"))
             try:

@@ -59,16 +59,21 @@ def registered_metrics() -> tuple[frozenset[str], frozenset[str]]:
     """(every sample name family, histogram families) that the code registers."""
     from prometheus_client import CollectorRegistry
 
-    from router.app import ExpiryWarnings, ReloadState
-    from router.cluster.metrics import PolicyMetrics, cluster_metrics
-    from router.metrics import ProxyMetrics
-    from router.reloader.metrics import ReloaderMetrics
+    from router.metrics import (
+        ClusterMetrics,
+        ExpiryWarnings,
+        PolicyMetrics,
+        ProxyMetrics,
+        ReloaderMetrics,
+        ReloadState,
+    )
+    from router.reloader.decide import REASONS
 
     registry = CollectorRegistry()
     ProxyMetrics(registry)
-    cluster_metrics(registry)
+    ClusterMetrics(registry)
     PolicyMetrics(registry)
-    ReloaderMetrics(registry)
+    ReloaderMetrics(registry, REASONS)
     ExpiryWarnings(registry, 0)
     ReloadState(registry)
     names: set[str] = set()

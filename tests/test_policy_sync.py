@@ -32,6 +32,7 @@ from router.core.policy import (
     parse_policy_config,
 )
 from router.core.tenancy import NamespaceInfo, Resolution, resolve
+from router.metrics import PolicyMetrics
 from router.settings import LeaderElectionSettings, TenancySettings
 from tests.conftest import wait_until as poll_until
 from tests.fakeapi import FakeKube
@@ -87,7 +88,9 @@ async def running(
     fake: FakeKube, s: PolicySyncSettings, registry: CollectorRegistry | None = None
 ) -> AsyncIterator[PolicySync]:
     api = await kube.api_client(fake.kubeconfig)
-    sync = PolicySync(api, kind=s.kind, settings=s, registry=registry or CollectorRegistry())
+    sync = PolicySync(
+        api, kind=s.kind, settings=s, metrics=PolicyMetrics(registry or CollectorRegistry())
+    )
     task = asyncio.create_task(sync.run())
     try:
         yield sync

@@ -11,11 +11,10 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
-from router.cluster.metrics import cluster_metrics
 from router.cluster.requestheader import RequestHeaderFollower, parse_auth_configmap
 from router.cluster.routes_loop import ClusterRoutes
 from router.core.routes import RouteTable
-from router.metrics import ProxyMetrics
+from router.metrics import ClusterMetrics, ProxyMetrics
 from router.settings import TenancySettings
 from router.settings.serve import (
     DEFAULT_GROUP_HEADERS,
@@ -61,7 +60,9 @@ class Tables:
 def make_routes(
     api: ApiClient, settings: TenancySettings, tables: Tables, registry: CollectorRegistry
 ) -> ClusterRoutes:
-    return ClusterRoutes(api, settings, registry=registry, on_table=tables, backoff=fast_backoff)
+    return ClusterRoutes(
+        api, settings, metrics=ClusterMetrics(registry), on_table=tables, backoff=fast_backoff
+    )
 
 
 # The tenants here are the short names ("a" for tenant-a): a custom --tenant-pattern.
@@ -237,7 +238,7 @@ async def test_first_table_waits_for_both_informers(fake: FakeKube, api: ApiClie
 def test_metrics_share_a_registry_with_the_proxy_metrics() -> None:
     registry = CollectorRegistry()
     ProxyMetrics(registry)
-    assert cluster_metrics(registry) is cluster_metrics(registry)
+    ClusterMetrics(registry)
     names = {m.name for m in registry.collect()}
     assert {"metrics_router_watch_restarts", "metrics_router_synced"} <= names
 
@@ -319,7 +320,7 @@ async def test_requestheader_follower(fake: FakeKube, api: ApiClient) -> None:
         signal.notify()
 
     follower = RequestHeaderFollower(
-        api, on_change, registry=CollectorRegistry(), backoff=fast_backoff()
+        api, on_change, metrics=ClusterMetrics(CollectorRegistry()), backoff=fast_backoff()
     )
     async with running(follower.run()):
         await asyncio.wait_for(follower.got_first.wait(), 2)

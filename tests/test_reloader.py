@@ -29,9 +29,9 @@ from router.cli.reloader import config_from_args, parse_duration
 from router.cli.reloader import main as reloader_main
 from router.cluster.client import api_client
 from router.cluster.retry import Backoff
-from router.reloader.decide import CrashBackoff, exit_status, watch_namespace_value
+from router.metrics import ReloaderMetrics
+from router.reloader.decide import REASONS, CrashBackoff, exit_status, watch_namespace_value
 from router.reloader.health import start_health_server
-from router.reloader.metrics import ReloaderMetrics
 from router.reloader.shell import Reloader
 from router.reloader.source import NamespaceSource
 from router.settings import ReloaderSettings, TenancySettings
@@ -159,7 +159,9 @@ class Harness:
     def __init__(self, settings: ReloaderSettings) -> None:
         self.registry = CollectorRegistry()
         self.events = Events()
-        self.reloader = Reloader(settings, ReloaderMetrics(self.registry), on_event=self.events)
+        self.reloader = Reloader(
+            settings, ReloaderMetrics(self.registry, REASONS), on_event=self.events
+        )
         self.task: asyncio.Task[int] = asyncio.create_task(self.reloader.run())
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:

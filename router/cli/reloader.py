@@ -29,8 +29,9 @@ from router.cli import logs as cli_logs
 from router.cli.options import add_log_arguments, add_tenancy_arguments, tenancy_from_args
 from router.cluster.client import KubeConfigError, api_client
 from router.core.durations import parse_duration, parse_host_port
+from router.metrics import ReloaderMetrics
+from router.reloader.decide import REASONS
 from router.reloader.health import start_health_server
-from router.reloader.metrics import ReloaderMetrics
 from router.reloader.shell import Reloader
 from router.reloader.source import NamespaceSource
 from router.settings import ReloaderSettings, TenancySettings
@@ -202,7 +203,7 @@ async def main(config: ReloaderConfig) -> int:
         logger.error("cannot load Kubernetes client configuration: %s: %s", type(exc).__name__, exc)
         return 1
     registry = CollectorRegistry()
-    reloader = Reloader(config.settings, ReloaderMetrics(registry))
+    reloader = Reloader(config.settings, ReloaderMetrics(registry, REASONS))
     source = NamespaceSource(api, reloader.update, tenant=config.tenant, tenancy=config.tenancy)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

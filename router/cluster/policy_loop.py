@@ -45,11 +45,9 @@ from types import MappingProxyType
 from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
-from prometheus_client import CollectorRegistry
 
 from router.cluster import client as kube
 from router.cluster.lease import LeaderElector
-from router.cluster.metrics import PolicyMetrics
 from router.cluster.reads import discover_apiserver_cidrs, list_all, namespace_meta
 from router.cluster.retry import Backoff
 from router.core.policy import (
@@ -71,6 +69,7 @@ from router.core.policy import (
 )
 from router.core.routes import RouteTable
 from router.core.tenancy import NamespaceInfo, Resolution
+from router.metrics import PolicyMetrics
 from router.settings import LeaderElectionSettings, TenancySettings
 
 logger = logging.getLogger(__name__)
@@ -145,14 +144,14 @@ class PolicySync:
         *,
         kind: str,
         settings: PolicySyncSettings,
-        registry: CollectorRegistry,
+        metrics: PolicyMetrics,
     ) -> None:
         if kind not in RESOURCES:
             raise ValueError(f"unknown policy kind {kind!r}")
         self.api = api
         self.kind = kind
         self.settings = settings
-        self.metrics = PolicyMetrics(registry)
+        self.metrics = metrics
         self.config = settings.config
         self._config_stamp = self._stamp()
         self._input: SyncInputs | None = None

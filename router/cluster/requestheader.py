@@ -2,7 +2,7 @@
 
 Public API
 ----------
-``RequestHeaderFollower(api, on_change, *, registry, backoff=None)``
+``RequestHeaderFollower(api, on_change, *, metrics, backoff=None)``
     Watches ``kube-system/extension-apiserver-authentication`` and calls
     ``on_change(RequestHeaderSettings)`` at the first sight and whenever the parsed settings
     change. A missing or unparsable ConfigMap is logged and the last good settings stay in
@@ -24,11 +24,10 @@ import logging
 from collections.abc import Callable, Mapping
 
 from kubernetes_asyncio.client import ApiClient
-from prometheus_client import CollectorRegistry
 
 from router.cluster.informer import Informer
-from router.cluster.metrics import cluster_metrics
 from router.cluster.retry import Backoff
+from router.metrics import ClusterMetrics
 from router.settings.serve import (
     DEFAULT_EXTRA_PREFIXES,
     DEFAULT_GROUP_HEADERS,
@@ -101,11 +100,11 @@ class RequestHeaderFollower:
         api: ApiClient,
         on_change: Callable[[RequestHeaderSettings], None],
         *,
-        registry: CollectorRegistry,
+        metrics: ClusterMetrics,
         backoff: Backoff | None = None,
     ) -> None:
         self.on_change = on_change
-        self.metrics = cluster_metrics(registry)
+        self.metrics = metrics
         self.informer = Informer(
             api,
             "configmaps",

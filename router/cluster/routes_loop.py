@@ -2,7 +2,7 @@
 
 Public API
 ----------
-``ClusterRoutes(api, settings, *, registry, on_table, default=None, backoff=None,
+``ClusterRoutes(api, settings, *, metrics, on_table, default=None, backoff=None,
 min_interval=0.05)``
     Runs a namespaces Informer (``settings.namespace_selector``) and a services Informer
     (``settings.upstream_service_selector``, all namespaces), recomputes
@@ -27,13 +27,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
-from prometheus_client import CollectorRegistry
 
 from router.cluster.informer import Informer
-from router.cluster.metrics import cluster_metrics
 from router.cluster.retry import Backoff
 from router.core import tenancy
 from router.core.routes import RouteTable, Upstream
+from router.metrics import ClusterMetrics
 from router.settings import TenancySettings
 
 logger = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ class ClusterRoutes:
         api: ApiClient,
         settings: TenancySettings,
         *,
-        registry: CollectorRegistry,
+        metrics: ClusterMetrics,
         on_table: Callable[[RouteTable], None],
         default: Upstream | None = None,
         backoff: Callable[[], Backoff] | None = None,
@@ -59,7 +58,7 @@ class ClusterRoutes:
         self.min_interval = min_interval
         self.default = default
         self.on_table = on_table
-        self.metrics = cluster_metrics(registry)
+        self.metrics = metrics
         make_backoff = backoff or Backoff
         self.namespaces = Informer(
             api, "namespaces", label_selector=settings.namespace_selector, backoff=make_backoff()

@@ -28,6 +28,7 @@ import signal
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from router.metrics import ReloaderMetrics
 from router.reloader.decide import (
     Action,
     Event,
@@ -49,7 +50,6 @@ from router.reloader.decide import (
     next_wake,
     watch_namespace_value,
 )
-from router.reloader.metrics import ReloaderMetrics
 from router.settings import ReloaderSettings
 
 logger = logging.getLogger(__name__)
