@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from router import logs
 from router import tls as tlsfiles
@@ -30,7 +29,15 @@ from router.core.routes import RoutesError, RouteTable, Upstream, parse_routes_f
 from router.core.version import version
 from router.http.client import UpstreamClient
 from router.http.server import ProxyServer
-from router.metrics import ClusterMetrics, ExpiryWarnings, PolicyMetrics, ProxyMetrics, ReloadState
+from router.metrics import (
+    ClusterMetrics,
+    ExpiryWarnings,
+    PolicyMetrics,
+    ProxyMetrics,
+    ReloadState,
+    metrics_handler,
+    routes_handler,
+)
 from router.proxy import IdentityHeaders, Proxy
 from router.settings.serve import RequestHeaderSettings, ServeConfig
 
@@ -519,8 +526,8 @@ class Router:
         assert parsed is not None  # "0" (disabled) never gets here
         host, port = parsed
         app = web.Application()
-        app.router.add_get("/metrics", self._metrics_handler)
-        app.router.add_get("/routes", self._routes_handler)
+        app.router.add_get("/metrics", metrics_handler(self._metrics_view))
+        app.router.add_get("/routes", routes_handler(self.live))
         for path in ("/healthz", "/livez", "/readyz"):
             app.router.add_get(path, self._health_handler)
         self._metrics_runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -531,17 +538,6 @@ class Router:
         except OSError as exc:
             raise StartupError(f"cannot listen on {address} for metrics: {exc.strerror}") from exc
         self.metrics_port = self._metrics_runner.addresses[0][1]
-
-    async def _metrics_handler(self, request: web.Request) -> web.Response:
-        body = await asyncio.get_running_loop().run_in_executor(
-            None, generate_latest, self._metrics_view()
-        )
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _routes_handler(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text=json.dumps(self.live.snapshot(), indent=2) + "\n", content_type="application/json"
-        )
 
     async def _health_handler(self, request: web.Request) -> web.Response:
         if request.path == "/readyz" and not self.ready:

@@ -8,19 +8,33 @@ each family once on its one registry and passes it to whoever counts: no module-
 ``ExpiryWarnings``    certificates close to expiry; ``ReloadState``: the last load of each source.
 ``ClusterMetrics``    the cluster watches (routes loop and requestheader follower).
 ``PolicyMetrics``     the NetworkPolicy loop; ``ReloaderMetrics``: the KEDA reloader.
+``metrics_handler(view)``, ``routes_handler(live)``
+                      GET /metrics (the exposition of a registry) and GET /routes (the live
+                      table as JSON), for the metrics ports of `serve` and `reloader`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from router import logs
+from router.core.live_routes import LiveRoutes
 from router.core.version import version
 
 logger = logging.getLogger("router.app")
@@ -334,3 +348,27 @@ class ReloaderMetrics:
         )
         for reason in reasons:
             self.restarts.labels(reason)
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def metrics_handler(view: Callable[[], CollectorRegistry]) -> Handler:
+    """GET /metrics: the exposition of ``view()`` (rendered off the event loop)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, view())
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handle
+
+
+def routes_handler(live: LiveRoutes) -> Handler:
+    """GET /routes: the live route table, its source and each tenant's recent errors."""
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(
+            text=json.dumps(live.snapshot(), indent=2) + "\n", content_type="application/json"
+        )
+
+    return handle
