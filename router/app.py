@@ -16,7 +16,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -40,6 +40,9 @@ from router.metrics import (
 )
 from router.proxy import IdentityHeaders, Proxy
 from router.settings.serve import RequestHeaderSettings, ServeConfig
+
+if TYPE_CHECKING:
+    from router.cluster.policy_loop import PolicySync  # loaded only when used
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,8 @@ class Router:
         mode only), or None."""
         self.config = config
         self._policy_settings = policy
-        self._policy_sync: Any = None
+        self._policy_sync: PolicySync | None = None
+        self._policy_task: asyncio.Task[None] | None = None  # also in _tasks
         self.registry = registry or CollectorRegistry()
         self._metrics_view = metrics_registry_view or (lambda: self.registry)
         self.metrics = ProxyMetrics(self.registry)
@@ -228,9 +232,9 @@ class Router:
         if self._policy_sync is not None:
             # Let the policy loop release its Lease so a standby replica takes over at once.
             await self._policy_sync.stop()
-            policy_task = next(t for t in self._tasks if t.get_name() == "policy-sync")
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(policy_task), timeout=5)
+            if self._policy_task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(self._policy_task), timeout=5)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -448,9 +452,9 @@ class Router:
         def on_table(table: RouteTable) -> None:
             self.live.swap(table, "cluster")
             if sync is not None:
-                # The informer cache itself: root-namespace annotation edits that leave the
-                # table unchanged are picked up at the next resync.
-                sync.update(routes.resolution or table, routes.namespaces.cache)
+                # The routes loop's namespace objects: root-namespace annotation edits that
+                # leave the table unchanged are picked up at the next resync.
+                sync.update(routes.resolution or table, routes.namespace_objects)
 
         routes = routes_loop.ClusterRoutes(
             self._api,
@@ -460,7 +464,8 @@ class Router:
             default=self.default_upstream,
         )
         if sync is not None:
-            self._tasks.append(asyncio.create_task(sync.run(), name="policy-sync"))
+            self._policy_task = asyncio.create_task(sync.run(), name="policy-sync")
+            self._tasks.append(self._policy_task)
         self._synced = routes.synced.is_set
         self._tasks.append(asyncio.create_task(routes.run(), name="cluster-routes"))
         if not cfg.requestheader_from_flags:

@@ -81,6 +81,12 @@ class ClusterRoutes:
         self._ns_infos: dict[str, tuple[dict[str, Any], tenancy.NamespaceInfo]] = {}
         self._svc_infos: dict[str, tuple[dict[str, Any], tenancy.ServiceInfo]] = {}
 
+    @property
+    def namespace_objects(self) -> Mapping[str, dict[str, Any]]:
+        """The watched namespaces (raw objects by name), read-only: the policy loop reads their
+        annotations."""
+        return self.namespaces.cache
+
     async def run(self) -> None:
         """Watch and recompute until cancelled."""
         for informer in (self.namespaces, self.services):
