@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 
 from kubernetes_asyncio.client import ApiClient
 
+from router import logs
 from router.cluster.informer import Informer
 from router.cluster.retry import Backoff
 from router.metrics import ClusterMetrics
@@ -138,12 +139,13 @@ class RequestHeaderFollower:
             return
         self.settings = settings
         logger.info(
-            "requestheader settings from ConfigMap allowed_names=%s username_headers=%s "
-            "group_headers=%s extra_headers_prefixes=%s",
-            ",".join(settings.allowed_names) or "(any)",
-            ",".join(settings.username_headers),
-            ",".join(settings.group_headers),
-            ",".join(settings.extra_headers_prefixes),
+            "requestheader settings from ConfigMap",
+            extra=logs.fields(
+                allowed_names=",".join(settings.allowed_names) or "(any)",
+                username_headers=",".join(settings.username_headers),
+                group_headers=",".join(settings.group_headers),
+                extra_headers_prefixes=",".join(settings.extra_headers_prefixes),
+            ),
         )
         self.on_change(settings)
         self.got_first.set()

@@ -28,6 +28,7 @@ from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
 
+from router import logs
 from router.cluster.informer import Informer
 from router.cluster.retry import Backoff
 from router.core import tenancy
@@ -126,10 +127,12 @@ class ClusterRoutes:
         if self._table is None or resolution.table != self._table:
             self._table = resolution.table
             logger.info(
-                "route table updated tenants=%d namespaces=%d unrouted_tenants=%d",
-                len(resolution.table.tenants),
-                resolution.table.namespace_count,
-                len(resolution.unrouted),
+                "route table updated",
+                extra=logs.fields(
+                    tenants=len(resolution.table.tenants),
+                    namespaces=resolution.table.namespace_count,
+                    unrouted_tenants=len(resolution.unrouted),
+                ),
             )
             self.on_table(resolution.table)
         if not self.synced.is_set():
@@ -141,18 +144,20 @@ class ClusterRoutes:
         current = frozenset(resolution.conflicts)
         for conflict in sorted(current - self._conflicts, key=lambda c: (c.kind, c.subject)):
             logger.warning(
-                "route conflict kind=%s subject=%s chosen=%s rejected=%s: %s",
-                conflict.kind,
-                conflict.subject,
-                conflict.chosen,
-                ",".join(conflict.rejected),
+                "route conflict: %s",
                 conflict.message,
+                extra=logs.fields(
+                    kind=conflict.kind,
+                    subject=conflict.subject,
+                    chosen=conflict.chosen,
+                    rejected=",".join(conflict.rejected),
+                ),
             )
             self.metrics.route_conflicts.labels(conflict.kind).inc()
         self._conflicts = current
         for tenant, reason in sorted(resolution.unrouted.items()):
             if self._unrouted.get(tenant) != reason:
-                logger.warning("tenant not routed tenant=%s reason=%r", tenant, reason)
+                logger.warning("tenant not routed", extra=logs.fields(tenant=tenant, reason=reason))
         self._unrouted = dict(resolution.unrouted)
 
 

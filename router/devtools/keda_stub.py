@@ -38,6 +38,8 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
+from router import logs
+
 logger = logging.getLogger(__name__)
 
 # The stub stands in for another server (KEDA's metrics apiserver), so it names the API group
@@ -263,7 +265,7 @@ class KedaStub:
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         self.host = host
-        logger.info("keda stub started tenant=%s url=%s", self.tenant, self.url)
+        logger.info("keda stub started", extra=logs.fields(tenant=self.tenant, url=self.url))
         return self.port
 
     @property
@@ -279,7 +281,7 @@ class KedaStub:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-            logger.info("keda stub stopped tenant=%s", self.tenant)
+            logger.info("keda stub stopped", extra=logs.fields(tenant=self.tenant))
 
     async def __aenter__(self) -> KedaStub:
         if self._runner is None:
