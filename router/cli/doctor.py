@@ -28,16 +28,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from router import tls as tlsfiles
-from router.cli.options import add_serve_arguments, duration, tenancy_from_args
+from router.cli.options import (
+    add_serve_arguments,
+    duration,
+    requestheader_from_args,
+    tenancy_from_args,
+)
 from router.core.durations import parse_host_port
 from router.core.routes import RoutesError, parse_routes_file
 from router.doctor import checks, gather, probes, report
 from router.doctor.snapshot import RequestHeader, RouterState, RoutesFile, Snapshot
-from router.settings.serve import (
-    DEFAULT_EXTRA_PREFIXES,
-    DEFAULT_GROUP_HEADERS,
-    DEFAULT_USERNAME_HEADERS,
-)
 
 NETWORK_MODES = ("auto", "direct", "try", "none")
 
@@ -93,10 +93,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="certificates expiring sooner fail (default 168h)",
     )
     g.add_argument("-o", "--output", choices=("text", "json"), default="text", help="report format")
-
-
-def _csv(value: str | None) -> tuple[str, ...]:
-    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
 
 
 def merge_process_args(
@@ -182,21 +178,14 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, tlsfiles.TLSFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    header_flags = (
-        args.requestheader_client_ca_file,
-        args.requestheader_allowed_names,
-        args.requestheader_username_headers,
-        args.requestheader_group_headers,
-        args.requestheader_extra_headers_prefix,
-    )
+    header, from_flags = requestheader_from_args(args)
     requestheader = RequestHeader(
-        from_flags=any(v is not None for v in header_flags),
+        from_flags=from_flags,
         client_ca_pem=data.get("rh-ca"),
-        allowed_names=_csv(args.requestheader_allowed_names),
-        username_headers=_csv(args.requestheader_username_headers) or DEFAULT_USERNAME_HEADERS,
-        group_headers=_csv(args.requestheader_group_headers) or DEFAULT_GROUP_HEADERS,
-        extra_headers_prefixes=_csv(args.requestheader_extra_headers_prefix)
-        or DEFAULT_EXTRA_PREFIXES,
+        allowed_names=header.allowed_names,
+        username_headers=header.username_headers,
+        group_headers=header.group_headers,
+        extra_headers_prefixes=header.extra_headers_prefixes,
     )
     mode = args.network
     if mode == "auto":

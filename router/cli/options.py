@@ -398,6 +398,29 @@ def _host_port(value: str, flag: str, errors: list[str]) -> str | None:
     return None if parsed is None else value
 
 
+def requestheader_from_args(args: argparse.Namespace) -> tuple[RequestHeaderSettings, bool]:
+    """The --requestheader-* flags as settings (defaults for those not given), and whether any
+    was given: then the extension-apiserver-authentication ConfigMap is not consulted."""
+    given = (
+        args.requestheader_client_ca_file,
+        args.requestheader_allowed_names,
+        args.requestheader_username_headers,
+        args.requestheader_uid_headers,
+        args.requestheader_group_headers,
+        args.requestheader_extra_headers_prefix,
+    )
+    settings = RequestHeaderSettings(
+        client_ca_file=args.requestheader_client_ca_file,
+        allowed_names=_csv(args.requestheader_allowed_names),
+        username_headers=_csv(args.requestheader_username_headers) or DEFAULT_USERNAME_HEADERS,
+        uid_headers=_csv(args.requestheader_uid_headers) or DEFAULT_UID_HEADERS,
+        group_headers=_csv(args.requestheader_group_headers) or DEFAULT_GROUP_HEADERS,
+        extra_headers_prefixes=_csv(args.requestheader_extra_headers_prefix)
+        or DEFAULT_EXTRA_PREFIXES,
+    )
+    return settings, any(v is not None for v in given)
+
+
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     """Validate and complete `serve` options; raise ConfigError listing every problem."""
     errors: list[str] = []
@@ -437,15 +460,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.default_upstream is not None and not args.default_upstream.startswith("https://"):
         errors.append("--default-upstream: must be an https:// URL")
 
-    header_flags = (
-        args.requestheader_client_ca_file,
-        args.requestheader_allowed_names,
-        args.requestheader_username_headers,
-        args.requestheader_uid_headers,
-        args.requestheader_group_headers,
-        args.requestheader_extra_headers_prefix,
-    )
-    from_flags = any(v is not None for v in header_flags)
+    requestheader, from_flags = requestheader_from_args(args)
     if args.requestheader_client_ca_file is not None:
         _need_file(errors, "--requestheader-client-ca-file", args.requestheader_client_ca_file)
     elif args.routes_file is not None:
@@ -455,15 +470,6 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         )
     elif from_flags:
         errors.append("--requestheader-client-ca-file is required with other --requestheader-*")
-    requestheader = RequestHeaderSettings(
-        client_ca_file=args.requestheader_client_ca_file,
-        allowed_names=_csv(args.requestheader_allowed_names),
-        username_headers=_csv(args.requestheader_username_headers) or DEFAULT_USERNAME_HEADERS,
-        uid_headers=_csv(args.requestheader_uid_headers) or DEFAULT_UID_HEADERS,
-        group_headers=_csv(args.requestheader_group_headers) or DEFAULT_GROUP_HEADERS,
-        extra_headers_prefixes=_csv(args.requestheader_extra_headers_prefix)
-        or DEFAULT_EXTRA_PREFIXES,
-    )
     tenancy = tenancy_from_args(args, errors)
     limits = limits_from_args(args, errors)
     metrics = _host_port(args.metrics_bind_address, "--metrics-bind-address", errors)
