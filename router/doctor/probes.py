@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from router import tls as tlsfiles
+from router.core.durations import parse_host_port
 from router.core.routes import RouteTable, Upstream
 from router.core.status import GROUP
 from router.doctor.checks import DOCTOR_GROUP, DOCTOR_USER
@@ -121,8 +122,11 @@ def _classify(exc: BaseException) -> tuple[FailureKind, str]:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
+    """(host, port) of a HOST:PORT or [IPv6]:PORT the doctor joined (the one HOST:PORT parser)."""
+    parsed = parse_host_port(address)
+    if parsed is None:
+        raise ValueError(f"no address in {address!r}")
+    return parsed
 
 
 def join_address(host: str, port: int) -> str:
