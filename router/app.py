@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry
 
 from router import logs
 from router import tls as tlsfiles
-from router.core.durations import format_duration, parse_host_port
 from router.core.live_routes import LiveRoutes
+from router.core.option_values import format_duration, parse_host_port
 from router.core.routes import RoutesError, RouteTable, Upstream, parse_routes_file
 from router.core.version import version
 from router.http.client import UpstreamClient

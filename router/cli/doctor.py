@@ -34,7 +34,7 @@ from router.cli.options import (
     requestheader_from_args,
     tenancy_from_args,
 )
-from router.core.durations import parse_host_port
+from router.core.option_values import parse_host_port
 from router.core.routes import RoutesError, parse_routes_file
 from router.doctor import checks, gather, probes, report
 from router.doctor.snapshot import RequestHeader, RouterState, RoutesFile, Snapshot

@@ -12,8 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from router.core.durations import format_duration, parse_byte_size, parse_duration, parse_host_port
 from router.core.errors import ConfigError
+from router.core.option_values import (
+    format_duration,
+    parse_byte_size,
+    parse_duration,
+    parse_host_port,
+)
 from router.settings import (
     DEFAULT_TENANT_PATTERN,
     DEFAULT_UPSTREAM_SERVICE_SELECTOR,

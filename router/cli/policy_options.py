@@ -10,7 +10,7 @@ from pathlib import Path
 from router.cli.options import tenancy_from_args
 from router.cluster.lease import default_identity
 from router.cluster.policy_loop import PolicySyncSettings
-from router.core.durations import parse_duration
+from router.core.option_values import parse_duration
 from router.core.policy import (
     KIND_NETWORKPOLICY,
     KINDS,

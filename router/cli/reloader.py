@@ -28,7 +28,7 @@ from router import logs
 from router.cli import logs as cli_logs
 from router.cli.options import add_log_arguments, add_tenancy_arguments, tenancy_from_args
 from router.cluster.client import KubeConfigError, api_client
-from router.core.durations import parse_duration, parse_host_port
+from router.core.option_values import parse_duration, parse_host_port
 from router.metrics import ReloaderMetrics
 from router.reloader.decide import REASONS
 from router.reloader.health import start_health_server

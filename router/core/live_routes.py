@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from router.core.durations import format_duration
+from router.core.option_values import format_duration
 from router.core.routes import RouteTable, Tenant
 from router.core.stale import TenantView
 

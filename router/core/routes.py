@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from router.core.durations import parse_duration
 from router.core.errors import ConfigError
 from router.core.names import is_dns1123_label, is_dns1123_subdomain
+from router.core.option_values import parse_duration
 
 # libyaml's loader when PyYAML was built with it: the pure-Python one takes most of the load
 # time of a 10,000-namespace routes file.

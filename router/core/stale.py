@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.core.durations import format_duration
+from router.core.option_values import format_duration
 from router.core.routes import DEFAULT_TENANT, RouteTable
 from router.settings.serve import StaleSettings
 

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from router import tls as tlsfiles
-from router.core.durations import parse_host_port
+from router.core.option_values import parse_host_port
 from router.core.routes import RouteTable, Upstream
 from router.core.status import GROUP
 from router.doctor.checks import DOCTOR_GROUP, DOCTOR_USER

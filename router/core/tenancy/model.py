@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from router.core.durations import parse_duration
+from router.core.option_values import parse_duration
 from router.core.routes import RouteTable
 
 # On a tenant's metrics Service: overrides --serve-stale-for for that tenant ("30s", "0").

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from router.core.durations import format_duration
+from router.core.option_values import format_duration
 from router.doctor.snapshot import CertInfo, Cluster, Obj, Snapshot
 
 Status = Literal["ok", "fail", "skipped"]
