@@ -42,7 +42,7 @@ from router.proxy import IdentityHeaders, Proxy
 from router.settings.serve import RequestHeaderSettings, ServeConfig
 
 if TYPE_CHECKING:
-    from router.cluster.policy_loop import PolicySync  # loaded only when used
+    from router.cluster.policy_loop import PolicySync, PolicySyncSettings  # loaded when used
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,9 @@ class Router:
         registry: CollectorRegistry | None = None,
         reuse_port: bool = False,
         metrics_registry_view: Callable[[], CollectorRegistry] | None = None,
-        policy: Any = None,
+        policy: PolicySyncSettings | None = None,
     ) -> None:
-        """``policy``: ``policy_sync.PolicySyncSettings`` to manage NetworkPolicies (cluster
-        mode only), or None."""
+        """``policy``: the settings of the NetworkPolicy loop (cluster mode only), or None."""
         self.config = config
         self._policy_settings = policy
         self._policy_sync: PolicySync | None = None
