@@ -24,7 +24,6 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from router import tls as tlsfiles
@@ -35,9 +34,8 @@ from router.cli.options import (
     tenancy_from_args,
 )
 from router.core.option_values import parse_host_port
-from router.core.routes import RoutesError, parse_routes_file
-from router.doctor import checks, gather, probes, report
-from router.doctor.snapshot import RequestHeader, RouterState, RoutesFile, Snapshot
+from router.doctor import checks, collect, gather, probes, report
+from router.doctor.snapshot import RequestHeader
 
 NETWORK_MODES = ("auto", "direct", "try", "none")
 
@@ -210,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         policy_config=policy_config,
     )
     snapshot = asyncio.run(
-        collect(
+        collect.collect(
             args.routes_file,
             args.kubeconfig,
             inputs,
@@ -225,50 +223,3 @@ def run(args: argparse.Namespace) -> int:
     out = report.to_json(results) if args.output == "json" else report.text(results)
     sys.stdout.write(out)
     return checks.exit_code(results)
-
-
-async def collect(
-    routes_file: Path | None,
-    kubeconfig: Path | None,
-    inputs: gather.ClusterInputs,
-    tls: probes.ClientTLS,
-    network: probes.Network,
-    metrics_url: str | None,
-    *,
-    router_cn: str,
-    expiry_warning: float,
-) -> Snapshot:
-    """Gather the whole snapshot (routes-file mode or cluster mode)."""
-    if metrics_url is not None:
-        router = await probes.read_router(metrics_url, network.timeout)
-    else:
-        router = RouterState(
-            "",
-            skipped="no --metrics-url (kubectl -n metrics-router port-forward "
-            "svc/metrics-router 9090, then --metrics-url http://127.0.0.1:9090)",
-        )
-    snapshot = Snapshot(
-        now=probes.now(), router_cn=router_cn, router=router, expiry_warning=expiry_warning
-    )
-    if routes_file is not None:
-        try:
-            text = await asyncio.to_thread(Path(routes_file).read_text)
-            table = parse_routes_file(text)
-        except (OSError, RoutesError) as exc:
-            return replace(
-                snapshot,
-                routes_file=RoutesFile(str(routes_file), error=str(exc)),
-                trust_skipped="the routes file could not be read",
-            )
-        trust = await probes.probe_tenants(table, tls, network)
-        tenants = {t.name: t.namespaces for t in table.tenants}
-        return replace(snapshot, routes_file=RoutesFile(str(routes_file), tenants), trust=trust)
-    got = await gather.read(kubeconfig, inputs, network, router_via_api=router.skipped is not None)
-    if got.cluster is None:
-        return replace(snapshot, cluster_error=got.error, trust_skipped="no cluster")
-    if got.router is not None:
-        snapshot = replace(snapshot, router=got.router)
-    trust = await probes.probe_tenants(
-        got.table, tls, network, got.cluster.endpoints, got.cluster.tenancy.upstreams
-    )
-    return replace(snapshot, cluster=got.cluster, trust=trust)
