@@ -60,6 +60,76 @@ def _second_signal_exit(signum: int) -> None:
     os._exit(1)
 
 
+class RoutesFile:
+    """The --routes-file source: read, validated and swapped into the live table when its
+    content changes; a bad file is reported once per distinct error and the last good table
+    stays."""
+
+    def __init__(
+        self,
+        path: Path,
+        live: LiveRoutes,
+        default: Upstream | None,
+        metrics: ProxyMetrics,
+        reload_state: ReloadState,
+    ) -> None:
+        self.path = path
+        self.live = live
+        self.default = default
+        self.metrics = metrics
+        self.reload_state = reload_state
+        self._digest: str | None = None
+        self._errors = logs.ChangeLogger(logger)
+
+    def load(self, *, initial: bool = False) -> bool:
+        """Read, validate and swap in the file when it changed; keep the last good table."""
+        path = self.path
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            if initial:
+                raise StartupError(f"--routes-file: cannot read {path}: {exc.strerror}") from exc
+            # Logged and counted when the error changes, not at every check.
+            if self._errors.report(
+                "routes file unreadable, keeping the last good table",
+                file=str(path),
+                error=exc.strerror or str(exc),
+            ):
+                self.metrics.reloads.labels("routes", "failure").inc()
+            self.reload_state.set("routes", False)
+            self._digest = None  # the same file back is a change
+            return False
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == self._digest:
+            return False
+        try:
+            table = parse_routes_file(data.decode("utf-8"), default=self.default)
+        except (RoutesError, UnicodeDecodeError) as exc:
+            self._digest = digest  # do not log the same broken file every second
+            errors = exc.errors if isinstance(exc, RoutesError) else [str(exc)]
+            if initial:
+                raise StartupError(f"--routes-file {path}: " + "; ".join(errors)) from exc
+            self._errors.report(
+                "routes file refused, keeping the last good table",
+                file=str(path),
+                error="; ".join(errors),
+            )
+            self.metrics.reloads.labels("routes", "failure").inc()
+            self.reload_state.set("routes", False)
+            return False
+        self._errors.clear("routes file readable again", file=str(path))
+        self.reload_state.set("routes", True)
+        self._digest = digest
+        self.live.swap(table, f"file:{path}")
+        if not initial:
+            self.metrics.reloads.labels("routes", "success").inc()
+            logger.info(
+                "routes reloaded",
+                extra=logs.fields(tenants=len(table.tenants), namespaces=table.namespace_count),
+            )
+        return True
+
+
 class Router:
     def __init__(
         self,
@@ -89,12 +159,11 @@ class Router:
         self._server: ProxyServer | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._routes_digest: str | None = None
+        self._routes_file: RoutesFile | None = None
         self._synced: Callable[[], bool] = lambda: True
         self._stopping = False  # stop() has begun
         self._draining = False  # a signal came: /readyz fails, the port still serves
         self._started = False
-        self._routes_errors = logs.ChangeLogger(logger)
         self._tls_errors: dict[str, logs.ChangeLogger] = {}
         self.expiry_warnings = ExpiryWarnings(self.registry, config.certificate_expiry_warning)
         self.reload_state = ReloadState(self.registry)
@@ -133,7 +202,10 @@ class Router:
         except tlsfiles.TLSFileError as exc:
             raise StartupError(str(exc)) from exc
         if cfg.routes_file is not None:
-            self._load_routes_file(initial=True)
+            self._routes_file = RoutesFile(
+                cfg.routes_file, self.live, self.default_upstream, self.metrics, self.reload_state
+            )
+            self._routes_file.load(initial=True)
         else:
             await self._start_cluster()
         try:
@@ -376,54 +448,6 @@ class Router:
         if self._client is not None:
             self._client.forget(table.upstreams())
 
-    def _load_routes_file(self, *, initial: bool = False) -> bool:
-        path = self.config.routes_file
-        assert path is not None
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            if initial:
-                raise StartupError(f"--routes-file: cannot read {path}: {exc.strerror}") from exc
-            # Logged and counted when the error changes, not at every check.
-            if self._routes_errors.report(
-                "routes file unreadable, keeping the last good table",
-                file=str(path),
-                error=exc.strerror or str(exc),
-            ):
-                self.metrics.reloads.labels("routes", "failure").inc()
-            self.reload_state.set("routes", False)
-            self._routes_digest = None  # the same file back is a change
-            return False
-        digest = hashlib.sha256(data).hexdigest()
-        if digest == self._routes_digest:
-            return False
-        try:
-            table = parse_routes_file(data.decode("utf-8"), default=self.default_upstream)
-        except (RoutesError, UnicodeDecodeError) as exc:
-            self._routes_digest = digest  # do not log the same broken file every second
-            errors = exc.errors if isinstance(exc, RoutesError) else [str(exc)]
-            if initial:
-                raise StartupError(f"--routes-file {path}: " + "; ".join(errors)) from exc
-            self._routes_errors.report(
-                "routes file refused, keeping the last good table",
-                file=str(path),
-                error="; ".join(errors),
-            )
-            self.metrics.reloads.labels("routes", "failure").inc()
-            self.reload_state.set("routes", False)
-            return False
-        self._routes_errors.clear("routes file readable again", file=str(path))
-        self.reload_state.set("routes", True)
-        self._routes_digest = digest
-        self.live.swap(table, f"file:{path}")
-        if not initial:
-            self.metrics.reloads.labels("routes", "success").inc()
-            logger.info(
-                "routes reloaded",
-                extra=logs.fields(tenants=len(table.tenants), namespaces=table.namespace_count),
-            )
-        return True
-
     async def _start_cluster(self) -> None:
         from router.cluster import client as kube
         from router.cluster import kubeconfig, requestheader, routes_loop  # loaded only when used
@@ -497,8 +521,8 @@ class Router:
 
     def check_files(self) -> None:
         """One pass: reload whatever changed on disk (validate first, keep the last good)."""
-        if self.config.routes_file is not None:
-            self._load_routes_file()
+        if self._routes_file is not None:
+            self._routes_file.load()
         for holder in (self._serving, self._client_tls):
             if holder is None or not holder.changed():
                 continue
