@@ -130,6 +130,109 @@ class RoutesFile:
         return True
 
 
+class ClusterSource:
+    """Routes from the cluster (and, when asked, NetworkPolicies and the requestheader
+    settings): the API client, the watch loops and the policy loop, and the tasks that run them.
+    """
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        policy: PolicySyncSettings | None,
+        registry: CollectorRegistry,
+        live: LiveRoutes,
+        default: Upstream | None,
+        on_requestheader: Callable[[RequestHeaderSettings], None],
+    ) -> None:
+        self.config = config
+        self._policy_settings = policy
+        self._registry = registry
+        self._live = live
+        self._default = default
+        self._on_requestheader = on_requestheader
+        self.api: Any = None
+        self.source = "unknown"  # where the kubeconfig came from, for the start-up line
+        self.synced: Callable[[], bool] = lambda: False
+        self._policy: PolicySync | None = None
+        self._policy_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        """Connect, start the loops; with the ConfigMap follower, wait for its first read."""
+        from router.cluster import client as kube
+        from router.cluster import kubeconfig, requestheader, routes_loop  # loaded only when used
+
+        cfg = self.config
+        try:
+            self.api = await kube.api_client(cfg.kubeconfig)
+        except Exception as exc:
+            raise StartupError(str(exc)) from exc
+        choice, _ = kubeconfig.choose(cfg.kubeconfig, os.environ, _home())
+        self.source = choice.describe() if choice is not None else "unknown"
+        sync = None
+        if self._policy_settings is not None:
+            from router.cluster.policy_loop import PolicySync
+
+            sync = self._policy = PolicySync(
+                self.api,
+                kind=self._policy_settings.kind,
+                settings=self._policy_settings,
+                metrics=PolicyMetrics(self._registry),
+            )
+
+        cluster_metrics = ClusterMetrics(self._registry)  # one set for both watch loops
+
+        def on_table(table: RouteTable) -> None:
+            self._live.swap(table, "cluster")
+            if sync is not None:
+                # The routes loop's namespace objects: root-namespace annotation edits that
+                # leave the table unchanged are picked up at the next resync.
+                sync.update(routes.resolution or table, routes.namespace_objects)
+
+        routes = routes_loop.ClusterRoutes(
+            self.api,
+            cfg.tenancy,
+            metrics=cluster_metrics,
+            on_table=on_table,
+            default=self._default,
+        )
+        if sync is not None:
+            self._policy_task = asyncio.create_task(sync.run(), name="policy-sync")
+            self._tasks.append(self._policy_task)
+        self.synced = routes.synced.is_set
+        self._tasks.append(asyncio.create_task(routes.run(), name="cluster-routes"))
+        if not cfg.requestheader_from_flags:
+            follower = requestheader.RequestHeaderFollower(
+                self.api, self._on_requestheader, metrics=cluster_metrics
+            )
+            self._tasks.append(asyncio.create_task(follower.run(), name="requestheader"))
+            try:
+                await asyncio.wait_for(follower.got_first.wait(), timeout=60)
+            except TimeoutError:
+                raise StartupError(
+                    "no requestheader settings: kube-system/extension-apiserver-authentication "
+                    "could not be read within 60s (or set --requestheader-client-ca-file)"
+                ) from None
+
+    async def stop(self) -> None:
+        """Let the policy loop release its Lease (a standby replica takes over at once), then
+        stop every loop."""
+        if self._policy is not None:
+            await self._policy.stop()
+            if self._policy_task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(self._policy_task), timeout=5)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def close(self) -> None:
+        if self.api is not None:
+            await self.api.close()
+
+
 class Router:
     def __init__(
         self,
@@ -143,8 +246,7 @@ class Router:
         """``policy``: the settings of the NetworkPolicy loop (cluster mode only), or None."""
         self.config = config
         self._policy_settings = policy
-        self._policy_sync: PolicySync | None = None
-        self._policy_task: asyncio.Task[None] | None = None  # also in _tasks
+        self._cluster: ClusterSource | None = None
         self.registry = registry or CollectorRegistry()
         self._metrics_view = metrics_registry_view or (lambda: self.registry)
         self.metrics = ProxyMetrics(self.registry)
@@ -160,7 +262,6 @@ class Router:
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._routes_file: RoutesFile | None = None
-        self._synced: Callable[[], bool] = lambda: True
         self._stopping = False  # stop() has begun
         self._draining = False  # a signal came: /readyz fails, the port still serves
         self._started = False
@@ -169,8 +270,6 @@ class Router:
         self.reload_state = ReloadState(self.registry)
         self.on_second_signal: Callable[[int], None] = _second_signal_exit
         self._signalled: asyncio.Event | None = None
-        self._api: Any = None
-        self._kube_source = ""
         self.port = 0
         self.metrics_port = 0
         self.default_upstream: Upstream | None = None
@@ -186,7 +285,8 @@ class Router:
 
     @property
     def ready(self) -> bool:
-        return not self._stopping and not self._draining and self._synced()
+        synced = self._cluster.synced() if self._cluster is not None else True
+        return not self._stopping and not self._draining and synced
 
     async def start(self) -> None:
         cfg = self.config
@@ -207,7 +307,15 @@ class Router:
             )
             self._routes_file.load(initial=True)
         else:
-            await self._start_cluster()
+            self._cluster = ClusterSource(
+                cfg,
+                self._policy_settings,
+                self.registry,
+                self.live,
+                self.default_upstream,
+                self._on_configmap,
+            )
+            await self._cluster.start()
         try:
             self._serving = tlsfiles.ReloadingContext(
                 "serving",
@@ -279,7 +387,7 @@ class Router:
         if cfg.routes_file is not None:
             routes = f"file:{cfg.routes_file}"
         else:
-            routes = f"cluster:{self._kube_source}"
+            routes = f"cluster:{self._cluster.source if self._cluster else 'unknown'}"
         return {
             "port": self.port,
             "metrics_port": self.metrics_port or "off",
@@ -300,12 +408,8 @@ class Router:
         if self._stopping:
             return
         self._stopping = True
-        if self._policy_sync is not None:
-            # Let the policy loop release its Lease so a standby replica takes over at once.
-            await self._policy_sync.stop()
-            if self._policy_task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(asyncio.shield(self._policy_task), timeout=5)
+        if self._cluster is not None:
+            await self._cluster.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -319,8 +423,8 @@ class Router:
             await self._client.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
-        if self._api is not None:
-            await self._api.close()
+        if self._cluster is not None:
+            await self._cluster.close()
         if self._started:  # a failed start logs its error, not "stopped"
             logger.info("stopped")
 
@@ -447,62 +551,6 @@ class Router:
         self.metrics.tenants.set(len(table.tenants))
         if self._client is not None:
             self._client.forget(table.upstreams())
-
-    async def _start_cluster(self) -> None:
-        from router.cluster import client as kube
-        from router.cluster import kubeconfig, requestheader, routes_loop  # loaded only when used
-
-        cfg = self.config
-        try:
-            self._api = await kube.api_client(cfg.kubeconfig)
-        except Exception as exc:
-            raise StartupError(str(exc)) from exc
-        choice, _ = kubeconfig.choose(cfg.kubeconfig, os.environ, _home())
-        self._kube_source = choice.describe() if choice is not None else "unknown"
-        sync = None
-        if self._policy_settings is not None:
-            from router.cluster.policy_loop import PolicySync
-
-            sync = self._policy_sync = PolicySync(
-                self._api,
-                kind=self._policy_settings.kind,
-                settings=self._policy_settings,
-                metrics=PolicyMetrics(self.registry),
-            )
-
-        cluster_metrics = ClusterMetrics(self.registry)  # one set for both watch loops
-
-        def on_table(table: RouteTable) -> None:
-            self.live.swap(table, "cluster")
-            if sync is not None:
-                # The routes loop's namespace objects: root-namespace annotation edits that
-                # leave the table unchanged are picked up at the next resync.
-                sync.update(routes.resolution or table, routes.namespace_objects)
-
-        routes = routes_loop.ClusterRoutes(
-            self._api,
-            cfg.tenancy,
-            metrics=cluster_metrics,
-            on_table=on_table,
-            default=self.default_upstream,
-        )
-        if sync is not None:
-            self._policy_task = asyncio.create_task(sync.run(), name="policy-sync")
-            self._tasks.append(self._policy_task)
-        self._synced = routes.synced.is_set
-        self._tasks.append(asyncio.create_task(routes.run(), name="cluster-routes"))
-        if not cfg.requestheader_from_flags:
-            follower = requestheader.RequestHeaderFollower(
-                self._api, self._on_configmap, metrics=cluster_metrics
-            )
-            self._tasks.append(asyncio.create_task(follower.run(), name="requestheader"))
-            try:
-                await asyncio.wait_for(follower.got_first.wait(), timeout=60)
-            except TimeoutError:
-                raise StartupError(
-                    "no requestheader settings: kube-system/extension-apiserver-authentication "
-                    "could not be read within 60s (or set --requestheader-client-ca-file)"
-                ) from None
 
     def _on_configmap(self, settings: RequestHeaderSettings) -> None:
         if self._serving is None:
