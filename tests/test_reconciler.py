@@ -4,6 +4,7 @@ metrics, outages, and the extension-apiserver-authentication follower."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
+from router import logs
 from router.cluster.requestheader import RequestHeaderFollower, parse_auth_configmap
 from router.cluster.routes_loop import ClusterRoutes
 from router.core.routes import RouteTable
@@ -233,6 +235,20 @@ async def test_first_table_waits_for_both_informers(fake: FakeKube, api: ApiClie
     async with running(routes.run()):
         await asyncio.wait_for(routes.synced.wait(), 2)
         assert tables.seen[0].lookup("tenant-a") is not None
+
+
+async def test_route_table_log_line_carries_its_fields_as_keys(
+    fake: FakeKube, api: ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.add_namespace("tenant-a")
+    fake.add_namespace("tenant-a--dev")
+    routes = make_routes(api, PATTERN_TPL, Tables(), CollectorRegistry())
+    with caplog.at_level(logging.INFO, logger="router"):
+        async with running(routes.run()):
+            await asyncio.wait_for(routes.synced.wait(), 2)
+    (record,) = [r for r in caplog.records if r.getMessage() == "route table updated"]
+    doc = json.loads(logs.JsonFormatter().format(record))
+    assert (doc["tenants"], doc["namespaces"], doc["unrouted_tenants"]) == (1, 2, 0)
 
 
 def test_metrics_share_a_registry_with_the_proxy_metrics() -> None:
