@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from router import logs
-from router import tls as tlsfiles
+from router import logs, tls
 from router.core.live_routes import LiveRoutes
 from router.core.option_values import format_duration, parse_host_port
 from router.core.routes import RoutesError, RouteTable, Upstream, parse_routes_file
@@ -255,8 +254,8 @@ class Router:
         self._reuse_port = reuse_port
         self._requestheader: RequestHeaderSettings = config.requestheader
         self._identity = IdentityHeaders.from_settings(config.requestheader)
-        self._serving: tlsfiles.ReloadingContext | None = None
-        self._client_tls: tlsfiles.ReloadingContext | None = None
+        self._serving: tls.ReloadingContext | None = None
+        self._client_tls: tls.ReloadingContext | None = None
         self._client: UpstreamClient | None = None
         self._server: ProxyServer | None = None
         self._metrics_runner: web.AppRunner | None = None
@@ -291,15 +290,15 @@ class Router:
     async def start(self) -> None:
         cfg = self.config
         try:
-            self._client_tls = tlsfiles.ReloadingContext(
+            self._client_tls = tls.ReloadingContext(
                 "proxy-client",
-                tlsfiles.read_files(self._client_files()),
-                lambda d: tlsfiles.client_context(
+                tls.read_files(self._client_files()),
+                lambda d: tls.client_context(
                     d["proxy-client"], d["proxy-client-key"], d.get("upstream-ca")
                 ),
                 expiry_of=("proxy-client", "upstream-ca"),
             )
-        except tlsfiles.TLSFileError as exc:
+        except tls.TLSFileError as exc:
             raise StartupError(str(exc)) from exc
         if cfg.routes_file is not None:
             self._routes_file = RoutesFile(
@@ -317,13 +316,13 @@ class Router:
             )
             await self._cluster.start()
         try:
-            self._serving = tlsfiles.ReloadingContext(
+            self._serving = tls.ReloadingContext(
                 "serving",
                 self._serving_source(),
                 self._build_serving,
                 expiry_of=("serving", "requestheader-ca"),
             )
-        except tlsfiles.TLSFileError as exc:
+        except tls.TLSFileError as exc:
             raise StartupError(str(exc)) from exc
         self._export_expiry()
         for source in ("serving", "proxy-client", "routes" if cfg.routes_file else "requestheader"):
@@ -346,7 +345,7 @@ class Router:
             metrics=self.metrics,
             max_inflight_per_tenant=cfg.max_inflight_per_tenant,
             ready=lambda: self.ready,
-            resumed_peer_ok=tlsfiles.ResumedPeerVerifier(
+            resumed_peer_ok=tls.ResumedPeerVerifier(
                 lambda: serving.loaded_bytes("requestheader-ca")
             ),
             stale_settings=cfg.stale,
@@ -362,7 +361,7 @@ class Router:
             await self._server.start(
                 cfg.bind_address,
                 cfg.secure_port,
-                tlsfiles.listening_context(lambda: serving.context),
+                tls.listening_context(lambda: serving.context),
                 reuse_port=self._reuse_port,
             )
         except OSError as exc:
@@ -486,13 +485,13 @@ class Router:
             files["upstream-ca"] = self.config.upstream_ca_file
         return files
 
-    def _serving_source(self) -> tlsfiles.Source:
+    def _serving_source(self) -> tls.Source:
         files = {
             "serving": self.config.tls_cert_file,
             "serving-key": self.config.tls_private_key_file,
         }
         rh = self._requestheader
-        read_files = tlsfiles.read_files(files)
+        read_files = tls.read_files(files)
         if rh.client_ca_file is not None:
             ca_file = rh.client_ca_file
 
@@ -511,7 +510,7 @@ class Router:
 
     @staticmethod
     def _build_serving(d: dict[str, bytes]) -> Any:
-        return tlsfiles.server_context(d["serving"], d["serving-key"], d["requestheader-ca"])
+        return tls.server_context(d["serving"], d["serving-key"], d["requestheader-ca"])
 
     def _export_expiry(self) -> None:
         for holder in (self._serving, self._client_tls):
@@ -529,7 +528,7 @@ class Router:
         if self._serving is not None:
             try:
                 self._serving.set_source(self._serving_source())
-            except (tlsfiles.TLSFileError, StartupError) as exc:
+            except (tls.TLSFileError, StartupError) as exc:
                 self._requestheader = old
                 self.metrics.reloads.labels("requestheader", "failure").inc()
                 self.reload_state.set("requestheader", False)
@@ -576,7 +575,7 @@ class Router:
                 continue
             try:
                 holder.reload()
-            except tlsfiles.TLSFileError as exc:
+            except tls.TLSFileError as exc:
                 # The bad file is re-checked at every pass: log and count it when it changes.
                 errors = self._tls_errors.setdefault(holder.name, logs.ChangeLogger(logger))
                 if errors.report(
