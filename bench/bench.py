@@ -318,7 +318,7 @@ def environment(settings: Settings, nginx: str | None, ab: str | None) -> list[t
 
 
 def make_pki(workdir: Path) -> Path:
-    from router.certs import generate_pki
+    from router.devtools.pki import generate_pki
 
     pki = generate_pki(workdir / "pki", tenants=TENANTS)
     # ab -E wants one PEM file: certificate, then key.
@@ -341,7 +341,7 @@ def router_certs(pki: Path, dest: Path) -> Path:
 
 def rotate_cert(pki: Path, dest: Path, which: str) -> None:
     """Issue a fresh router serving or client certificate into dest (key first, then cert)."""
-    from router import certs
+    from router.devtools import pki as certs
 
     if which == "serving":
         ca = certs.CertAndKey.load(pki / "router-serving-ca.crt", pki / "router-serving-ca.key")
@@ -417,7 +417,7 @@ def start_upstreams(workdir: Path, pki: Path, hang_port: int, nginx: bool) -> Up
         for tenant, tports in ports.items():
             for p in tports:
                 cmd = [
-                    sys.executable, "-m", "router.keda_stub", "--tenant", tenant,
+                    sys.executable, "-m", "router.devtools.keda_stub", "--tenant", tenant,
                     "--cert", str(pki / f"upstream-{tenant}.crt"),
                     "--key", str(pki / f"upstream-{tenant}.key"),
                     "--client-ca", str(pki / "router-client-ca.crt"), "--port", str(p),
@@ -705,7 +705,7 @@ def scale_probe(routes_file: Path, namespaces: list[str]) -> dict[str, float]:
         status = Path("/proc/self/status").read_text()
         return int(status.split("VmRSS:")[1].split()[0])
 
-    from router.routes import parse_routes_file
+    from router.core.routes import parse_routes_file
 
     text = routes_file.read_text()
     r0 = rss()

@@ -1,11 +1,11 @@
 """A tenant's KEDA restarts while an HPA-like client polls: errors with --serve-stale-for off
-and on (router/stale.py).
+and on (router/core/stale.py).
 
     .venv/bin/python bench/bench_stale.py                      # stub stopped 10 s, off vs 30s
     .venv/bin/python bench/bench_stale.py --failure 500        # metrics server up, answering 500
     .venv/bin/python bench/bench_stale.py --outage 40          # longer than the duration
 
-For each setting: a development PKI, tenant a's KEDA stand-in (router.keda_stub, mTLS), the
+For each setting: a development PKI, tenant a's KEDA stand-in (router.devtools.keda_stub, mTLS), the
 real `metrics-router serve` as a child process, and this process playing the aggregator for
 the HPA controller: every ``--interval`` seconds it GETs each of ``--metrics`` external
 metrics with the HPA's identity (one keep-alive connection, as the aggregator keeps). After
@@ -39,8 +39,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.certs import Pki, generate_pki  # noqa: E402
-from router.keda_stub import KedaStub  # noqa: E402
+from router.devtools.keda_stub import KedaStub  # noqa: E402
+from router.devtools.pki import Pki, generate_pki  # noqa: E402
 
 RESULTS = ROOT / "bench" / "stale_results.md"
 VERBOSE = False

@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from router.cluster import client as kube  # noqa: E402
 from router.cluster.routes_loop import ClusterRoutes  # noqa: E402
-from router.config import TenancySettings  # noqa: E402
 from router.core import tenancy  # noqa: E402
 from router.core.tenancy import upstreams  # noqa: E402
+from router.settings import TenancySettings  # noqa: E402
 
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}
 ROOT_LABEL = ("tenancy.metrics-router.io/root", "true")
@@ -199,7 +199,7 @@ async def client_first_sync(
 ) -> tuple[float, int, float]:
     api = await kube.api_client(kubeconfig)
     tables: list[Any] = []
-    routes = ClusterRoutes(api, settings, registry=_registry(), on_table=tables.append)
+    routes = ClusterRoutes(api, settings, metrics=_metrics(), on_table=tables.append)
     gc.collect()
     before_rss = rss_mib()
     start = time.process_time()
@@ -217,10 +217,12 @@ async def client_first_sync(
         await api.close()
 
 
-def _registry() -> Any:
+def _metrics() -> Any:
     from prometheus_client import CollectorRegistry
 
-    return CollectorRegistry()
+    from router.metrics import ClusterMetrics
+
+    return ClusterMetrics(CollectorRegistry())
 
 
 # --------------------------------------------------------------------------- main
@@ -262,7 +264,7 @@ def main() -> int:
             item["metadata"].pop("managedFields", None)
             cache[kube.object_key(item)] = item
         caches.append(cache)
-    routes = ClusterRoutes(cast(Any, None), settings, registry=_registry(), on_table=lambda t: None)
+    routes = ClusterRoutes(cast(Any, None), settings, metrics=_metrics(), on_table=lambda t: None)
     routes.namespaces.cache = caches[0]
     routes.services.cache = caches[1]
     routes.recompute()

@@ -14,8 +14,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from router.certs import Pki
-from router.keda_stub import KedaStub, serve_forever
+from router.devtools.keda_stub import KedaStub, serve_forever
+from router.devtools.pki import Pki
 
 
 def main() -> int:

@@ -1,9 +1,9 @@
 """Composition root of `metrics-router serve`: build everything, run it, stop it gracefully.
 
-One ``Router`` owns: the secure port (aiohttp low-level server, TLS context switched per
-handshake), the upstream client and its pools, the live route table and where it comes from
-(a routes file, or the cluster's tenancy), the file watcher that reloads certificates and the
-routes file, and the metrics port (/metrics, /routes, health).
+One ``Router`` owns: the secure port (router.http.server's strict HTTP/1.1 server, TLS context
+switched per handshake), the upstream client and its pools, the live route table and where it
+comes from (a routes file, or the cluster's tenancy), the file watcher that reloads certificates
+and the routes file, and the metrics port (/metrics, /routes, health).
 """
 
 from __future__ import annotations
@@ -11,84 +11,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import signal
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry
 
-from router import logs, tlsfiles
-from router.config import RequestHeaderSettings, ServeConfig
+from router import logs, tls
+from router.core.live_routes import LiveRoutes
+from router.core.option_values import format_duration, parse_host_port
+from router.core.routes import RoutesError, RouteTable, Upstream, parse_routes_file
+from router.core.version import version
 from router.http.client import UpstreamClient
 from router.http.server import ProxyServer
-from router.live_routes import LiveRoutes
-from router.metrics import ProxyMetrics
-from router.options import format_duration, parse_host_port
+from router.metrics import (
+    ClusterMetrics,
+    ExpiryWarnings,
+    PolicyMetrics,
+    ProxyMetrics,
+    ReloadState,
+    metrics_handler,
+    routes_handler,
+)
 from router.proxy import IdentityHeaders, Proxy
-from router.routes import RoutesError, RouteTable, Upstream, parse_routes_file
-from router.version import version
+from router.settings.serve import RequestHeaderSettings, ServeConfig
+
+if TYPE_CHECKING:
+    from router.cluster.policy_loop import PolicySync, PolicySyncSettings  # loaded when used
 
 logger = logging.getLogger(__name__)
 
 
 class StartupError(Exception):
     """The router cannot start with this configuration; the message says why."""
-
-
-class ExpiryWarnings:
-    """Certificates close to expiry: a gauge per certificate and one warning per expiry."""
-
-    def __init__(self, registry: CollectorRegistry, window: float) -> None:
-        self.window = window
-        self.expiring = Gauge(
-            "metrics_router_certificate_expiring_soon",
-            "1 when the certificate expires within --certificate-expiry-warning, else 0.",
-            ["certificate"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self._warned: dict[str, datetime] = {}
-
-    def check(self, name: str, not_after: datetime, now: datetime | None = None) -> bool:
-        left = (not_after - (now or datetime.now(UTC))).total_seconds()
-        soon = left < self.window
-        self.expiring.labels(name).set(1 if soon else 0)
-        if soon and self._warned.get(name) != not_after:
-            self._warned[name] = not_after
-            logger.warning(
-                "certificate expires soon",
-                extra=logs.fields(
-                    certificate=name,
-                    not_after=not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    hours_left=round(left / 3600, 1),
-                ),
-            )
-        return soon
-
-
-class ReloadState:
-    """Whether the last attempt to load each source succeeded: a bad file stays bad without
-    new failures being counted (they are counted once per distinct error), so alerts read
-    this gauge rather than the failure counter's increase."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.ok = Gauge(
-            "metrics_router_last_reload_successful",
-            "1 when the last load of the source (serving, proxy-client, routes, requestheader) "
-            "succeeded, 0 while the router serves with the last good version.",
-            ["source"],
-            registry=registry,
-            multiprocess_mode="livemin",
-        )
-
-    def set(self, source: str, ok: bool) -> None:
-        self.ok.labels(source).set(1 if ok else 0)
 
 
 def _second_signal_exit(signum: int) -> None:
@@ -100,6 +59,179 @@ def _second_signal_exit(signum: int) -> None:
     os._exit(1)
 
 
+class RoutesFile:
+    """The --routes-file source: read, validated and swapped into the live table when its
+    content changes; a bad file is reported once per distinct error and the last good table
+    stays."""
+
+    def __init__(
+        self,
+        path: Path,
+        live: LiveRoutes,
+        default: Upstream | None,
+        metrics: ProxyMetrics,
+        reload_state: ReloadState,
+    ) -> None:
+        self.path = path
+        self.live = live
+        self.default = default
+        self.metrics = metrics
+        self.reload_state = reload_state
+        self._digest: str | None = None
+        self._errors = logs.ChangeLogger(logger)
+
+    def load(self, *, initial: bool = False) -> bool:
+        """Read, validate and swap in the file when it changed; keep the last good table."""
+        path = self.path
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            if initial:
+                raise StartupError(f"--routes-file: cannot read {path}: {exc.strerror}") from exc
+            # Logged and counted when the error changes, not at every check.
+            if self._errors.report(
+                "routes file unreadable, keeping the last good table",
+                file=str(path),
+                error=exc.strerror or str(exc),
+            ):
+                self.metrics.reloads.labels("routes", "failure").inc()
+            self.reload_state.set("routes", False)
+            self._digest = None  # the same file back is a change
+            return False
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == self._digest:
+            return False
+        try:
+            table = parse_routes_file(data.decode("utf-8"), default=self.default)
+        except (RoutesError, UnicodeDecodeError) as exc:
+            self._digest = digest  # do not log the same broken file every second
+            errors = exc.errors if isinstance(exc, RoutesError) else [str(exc)]
+            if initial:
+                raise StartupError(f"--routes-file {path}: " + "; ".join(errors)) from exc
+            self._errors.report(
+                "routes file refused, keeping the last good table",
+                file=str(path),
+                error="; ".join(errors),
+            )
+            self.metrics.reloads.labels("routes", "failure").inc()
+            self.reload_state.set("routes", False)
+            return False
+        self._errors.clear("routes file readable again", file=str(path))
+        self.reload_state.set("routes", True)
+        self._digest = digest
+        self.live.swap(table, f"file:{path}")
+        if not initial:
+            self.metrics.reloads.labels("routes", "success").inc()
+            logger.info(
+                "routes reloaded",
+                extra=logs.fields(tenants=len(table.tenants), namespaces=table.namespace_count),
+            )
+        return True
+
+
+class ClusterSource:
+    """Routes from the cluster (and, when asked, NetworkPolicies and the requestheader
+    settings): the API client, the watch loops and the policy loop, and the tasks that run them.
+    """
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        policy: PolicySyncSettings | None,
+        registry: CollectorRegistry,
+        live: LiveRoutes,
+        default: Upstream | None,
+        on_requestheader: Callable[[RequestHeaderSettings], None],
+    ) -> None:
+        self.config = config
+        self._policy_settings = policy
+        self._registry = registry
+        self._live = live
+        self._default = default
+        self._on_requestheader = on_requestheader
+        self.api: Any = None
+        self.source = "unknown"  # where the kubeconfig came from, for the start-up line
+        self.synced: Callable[[], bool] = lambda: False
+        self._policy: PolicySync | None = None
+        self._policy_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        """Connect, start the loops; with the ConfigMap follower, wait for its first read."""
+        from router.cluster import client as kube
+        from router.cluster import kubeconfig, requestheader, routes_loop  # loaded only when used
+
+        cfg = self.config
+        try:
+            self.api = await kube.api_client(cfg.kubeconfig)
+        except Exception as exc:
+            raise StartupError(str(exc)) from exc
+        choice, _ = kubeconfig.choose(cfg.kubeconfig, os.environ, _home())
+        self.source = choice.describe() if choice is not None else "unknown"
+        sync = None
+        if self._policy_settings is not None:
+            from router.cluster.policy_loop import PolicySync
+
+            sync = self._policy = PolicySync(
+                self.api,
+                kind=self._policy_settings.kind,
+                settings=self._policy_settings,
+                metrics=PolicyMetrics(self._registry),
+            )
+
+        cluster_metrics = ClusterMetrics(self._registry)  # one set for both watch loops
+
+        def on_table(table: RouteTable) -> None:
+            self._live.swap(table, "cluster")
+            if sync is not None:
+                # The routes loop's namespace objects: root-namespace annotation edits that
+                # leave the table unchanged are picked up at the next resync.
+                sync.update(routes.resolution or table, routes.namespace_objects)
+
+        routes = routes_loop.ClusterRoutes(
+            self.api,
+            cfg.tenancy,
+            metrics=cluster_metrics,
+            on_table=on_table,
+            default=self._default,
+        )
+        if sync is not None:
+            self._policy_task = asyncio.create_task(sync.run(), name="policy-sync")
+            self._tasks.append(self._policy_task)
+        self.synced = routes.synced.is_set
+        self._tasks.append(asyncio.create_task(routes.run(), name="cluster-routes"))
+        if not cfg.requestheader_from_flags:
+            follower = requestheader.RequestHeaderFollower(
+                self.api, self._on_requestheader, metrics=cluster_metrics
+            )
+            self._tasks.append(asyncio.create_task(follower.run(), name="requestheader"))
+            try:
+                await asyncio.wait_for(follower.got_first.wait(), timeout=60)
+            except TimeoutError:
+                raise StartupError(
+                    "no requestheader settings: kube-system/extension-apiserver-authentication "
+                    "could not be read within 60s (or set --requestheader-client-ca-file)"
+                ) from None
+
+    async def stop(self) -> None:
+        """Let the policy loop release its Lease (a standby replica takes over at once), then
+        stop every loop."""
+        if self._policy is not None:
+            await self._policy.stop()
+            if self._policy_task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(self._policy_task), timeout=5)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def close(self) -> None:
+        if self.api is not None:
+            await self.api.close()
+
+
 class Router:
     def __init__(
         self,
@@ -108,13 +240,12 @@ class Router:
         registry: CollectorRegistry | None = None,
         reuse_port: bool = False,
         metrics_registry_view: Callable[[], CollectorRegistry] | None = None,
-        policy: Any = None,
+        policy: PolicySyncSettings | None = None,
     ) -> None:
-        """``policy``: ``policy_sync.PolicySyncSettings`` to manage NetworkPolicies (cluster
-        mode only), or None."""
+        """``policy``: the settings of the NetworkPolicy loop (cluster mode only), or None."""
         self.config = config
         self._policy_settings = policy
-        self._policy_sync: Any = None
+        self._cluster: ClusterSource | None = None
         self.registry = registry or CollectorRegistry()
         self._metrics_view = metrics_registry_view or (lambda: self.registry)
         self.metrics = ProxyMetrics(self.registry)
@@ -123,25 +254,21 @@ class Router:
         self._reuse_port = reuse_port
         self._requestheader: RequestHeaderSettings = config.requestheader
         self._identity = IdentityHeaders.from_settings(config.requestheader)
-        self._serving: tlsfiles.ReloadingContext | None = None
-        self._client_tls: tlsfiles.ReloadingContext | None = None
+        self._serving: tls.ReloadingContext | None = None
+        self._client_tls: tls.ReloadingContext | None = None
         self._client: UpstreamClient | None = None
         self._server: ProxyServer | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._routes_digest: str | None = None
-        self._synced: Callable[[], bool] = lambda: True
+        self._routes_file: RoutesFile | None = None
         self._stopping = False  # stop() has begun
         self._draining = False  # a signal came: /readyz fails, the port still serves
         self._started = False
-        self._routes_errors = logs.ChangeLogger(logger)
         self._tls_errors: dict[str, logs.ChangeLogger] = {}
         self.expiry_warnings = ExpiryWarnings(self.registry, config.certificate_expiry_warning)
         self.reload_state = ReloadState(self.registry)
         self.on_second_signal: Callable[[int], None] = _second_signal_exit
         self._signalled: asyncio.Event | None = None
-        self._api: Any = None
-        self._kube_source = ""
         self.port = 0
         self.metrics_port = 0
         self.default_upstream: Upstream | None = None
@@ -157,33 +284,45 @@ class Router:
 
     @property
     def ready(self) -> bool:
-        return not self._stopping and not self._draining and self._synced()
+        synced = self._cluster.synced() if self._cluster is not None else True
+        return not self._stopping and not self._draining and synced
 
     async def start(self) -> None:
         cfg = self.config
         try:
-            self._client_tls = tlsfiles.ReloadingContext(
+            self._client_tls = tls.ReloadingContext(
                 "proxy-client",
-                tlsfiles.read_files(self._client_files()),
-                lambda d: tlsfiles.client_context(
+                tls.read_files(self._client_files()),
+                lambda d: tls.client_context(
                     d["proxy-client"], d["proxy-client-key"], d.get("upstream-ca")
                 ),
                 expiry_of=("proxy-client", "upstream-ca"),
             )
-        except tlsfiles.TLSFileError as exc:
+        except tls.TLSFileError as exc:
             raise StartupError(str(exc)) from exc
         if cfg.routes_file is not None:
-            self._load_routes_file(initial=True)
+            self._routes_file = RoutesFile(
+                cfg.routes_file, self.live, self.default_upstream, self.metrics, self.reload_state
+            )
+            self._routes_file.load(initial=True)
         else:
-            await self._start_cluster()
+            self._cluster = ClusterSource(
+                cfg,
+                self._policy_settings,
+                self.registry,
+                self.live,
+                self.default_upstream,
+                self._on_configmap,
+            )
+            await self._cluster.start()
         try:
-            self._serving = tlsfiles.ReloadingContext(
+            self._serving = tls.ReloadingContext(
                 "serving",
                 self._serving_source(),
                 self._build_serving,
                 expiry_of=("serving", "requestheader-ca"),
             )
-        except tlsfiles.TLSFileError as exc:
+        except tls.TLSFileError as exc:
             raise StartupError(str(exc)) from exc
         self._export_expiry()
         for source in ("serving", "proxy-client", "routes" if cfg.routes_file else "requestheader"):
@@ -206,7 +345,7 @@ class Router:
             metrics=self.metrics,
             max_inflight_per_tenant=cfg.max_inflight_per_tenant,
             ready=lambda: self.ready,
-            resumed_peer_ok=tlsfiles.ResumedPeerVerifier(
+            resumed_peer_ok=tls.ResumedPeerVerifier(
                 lambda: serving.loaded_bytes("requestheader-ca")
             ),
             stale_settings=cfg.stale,
@@ -222,7 +361,7 @@ class Router:
             await self._server.start(
                 cfg.bind_address,
                 cfg.secure_port,
-                tlsfiles.listening_context(lambda: serving.context),
+                tls.listening_context(lambda: serving.context),
                 reuse_port=self._reuse_port,
             )
         except OSError as exc:
@@ -247,7 +386,7 @@ class Router:
         if cfg.routes_file is not None:
             routes = f"file:{cfg.routes_file}"
         else:
-            routes = f"cluster:{self._kube_source}"
+            routes = f"cluster:{self._cluster.source if self._cluster else 'unknown'}"
         return {
             "port": self.port,
             "metrics_port": self.metrics_port or "off",
@@ -268,12 +407,8 @@ class Router:
         if self._stopping:
             return
         self._stopping = True
-        if self._policy_sync is not None:
-            # Let the policy loop release its Lease so a standby replica takes over at once.
-            await self._policy_sync.stop()
-            policy_task = next(t for t in self._tasks if t.get_name() == "policy-sync")
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(policy_task), timeout=5)
+        if self._cluster is not None:
+            await self._cluster.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -287,8 +422,8 @@ class Router:
             await self._client.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
-        if self._api is not None:
-            await self._api.close()
+        if self._cluster is not None:
+            await self._cluster.close()
         if self._started:  # a failed start logs its error, not "stopped"
             logger.info("stopped")
 
@@ -350,13 +485,13 @@ class Router:
             files["upstream-ca"] = self.config.upstream_ca_file
         return files
 
-    def _serving_source(self) -> tlsfiles.Source:
+    def _serving_source(self) -> tls.Source:
         files = {
             "serving": self.config.tls_cert_file,
             "serving-key": self.config.tls_private_key_file,
         }
         rh = self._requestheader
-        read_files = tlsfiles.read_files(files)
+        read_files = tls.read_files(files)
         if rh.client_ca_file is not None:
             ca_file = rh.client_ca_file
 
@@ -375,7 +510,7 @@ class Router:
 
     @staticmethod
     def _build_serving(d: dict[str, bytes]) -> Any:
-        return tlsfiles.server_context(d["serving"], d["serving-key"], d["requestheader-ca"])
+        return tls.server_context(d["serving"], d["serving-key"], d["requestheader-ca"])
 
     def _export_expiry(self) -> None:
         for holder in (self._serving, self._client_tls):
@@ -393,7 +528,7 @@ class Router:
         if self._serving is not None:
             try:
                 self._serving.set_source(self._serving_source())
-            except (tlsfiles.TLSFileError, StartupError) as exc:
+            except (tls.TLSFileError, StartupError) as exc:
                 self._requestheader = old
                 self.metrics.reloads.labels("requestheader", "failure").inc()
                 self.reload_state.set("requestheader", False)
@@ -416,108 +551,6 @@ class Router:
         if self._client is not None:
             self._client.forget(table.upstreams())
 
-    def _load_routes_file(self, *, initial: bool = False) -> bool:
-        path = self.config.routes_file
-        assert path is not None
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            if initial:
-                raise StartupError(f"--routes-file: cannot read {path}: {exc.strerror}") from exc
-            # Logged and counted when the error changes, not at every check.
-            if self._routes_errors.report(
-                "routes file unreadable, keeping the last good table",
-                file=str(path),
-                error=exc.strerror or str(exc),
-            ):
-                self.metrics.reloads.labels("routes", "failure").inc()
-            self.reload_state.set("routes", False)
-            self._routes_digest = None  # the same file back is a change
-            return False
-        digest = hashlib.sha256(data).hexdigest()
-        if digest == self._routes_digest:
-            return False
-        try:
-            table = parse_routes_file(data.decode("utf-8"), default=self.default_upstream)
-        except (RoutesError, UnicodeDecodeError) as exc:
-            self._routes_digest = digest  # do not log the same broken file every second
-            errors = exc.errors if isinstance(exc, RoutesError) else [str(exc)]
-            if initial:
-                raise StartupError(f"--routes-file {path}: " + "; ".join(errors)) from exc
-            self._routes_errors.report(
-                "routes file refused, keeping the last good table",
-                file=str(path),
-                error="; ".join(errors),
-            )
-            self.metrics.reloads.labels("routes", "failure").inc()
-            self.reload_state.set("routes", False)
-            return False
-        self._routes_errors.clear("routes file readable again", file=str(path))
-        self.reload_state.set("routes", True)
-        self._routes_digest = digest
-        self.live.swap(table, f"file:{path}")
-        if not initial:
-            self.metrics.reloads.labels("routes", "success").inc()
-            logger.info(
-                "routes reloaded",
-                extra=logs.fields(tenants=len(table.tenants), namespaces=table.namespace_count),
-            )
-        return True
-
-    async def _start_cluster(self) -> None:
-        from router import kubeconfig
-        from router.cluster import client as kube
-        from router.cluster import requestheader, routes_loop  # loaded only when used
-
-        cfg = self.config
-        try:
-            self._api = await kube.api_client(cfg.kubeconfig)
-        except Exception as exc:
-            raise StartupError(str(exc)) from exc
-        choice, _ = kubeconfig.choose(cfg.kubeconfig, os.environ, _home())
-        self._kube_source = choice.describe() if choice is not None else "unknown"
-        sync = None
-        if self._policy_settings is not None:
-            from router.cluster.policy_loop import PolicySync
-
-            sync = self._policy_sync = PolicySync(
-                self._api,
-                kind=self._policy_settings.kind,
-                settings=self._policy_settings,
-                registry=self.registry,
-            )
-
-        def on_table(table: RouteTable) -> None:
-            self.live.swap(table, "cluster")
-            if sync is not None:
-                # The informer cache itself: root-namespace annotation edits that leave the
-                # table unchanged are picked up at the next resync.
-                sync.update(routes.resolution or table, routes.namespaces.cache)
-
-        routes = routes_loop.ClusterRoutes(
-            self._api,
-            cfg.tenancy,
-            registry=self.registry,
-            on_table=on_table,
-            default=self.default_upstream,
-        )
-        if sync is not None:
-            self._tasks.append(asyncio.create_task(sync.run(), name="policy-sync"))
-        self._synced = routes.synced.is_set
-        self._tasks.append(asyncio.create_task(routes.run(), name="cluster-routes"))
-        if not cfg.requestheader_from_flags:
-            follower = requestheader.RequestHeaderFollower(
-                self._api, self._on_configmap, registry=self.registry
-            )
-            self._tasks.append(asyncio.create_task(follower.run(), name="requestheader"))
-            try:
-                await asyncio.wait_for(follower.got_first.wait(), timeout=60)
-            except TimeoutError:
-                raise StartupError(
-                    "no requestheader settings: kube-system/extension-apiserver-authentication "
-                    "could not be read within 60s (or set --requestheader-client-ca-file)"
-                ) from None
-
     def _on_configmap(self, settings: RequestHeaderSettings) -> None:
         if self._serving is None:
             self._requestheader = settings  # first read, before the server is built
@@ -535,14 +568,14 @@ class Router:
 
     def check_files(self) -> None:
         """One pass: reload whatever changed on disk (validate first, keep the last good)."""
-        if self.config.routes_file is not None:
-            self._load_routes_file()
+        if self._routes_file is not None:
+            self._routes_file.load()
         for holder in (self._serving, self._client_tls):
             if holder is None or not holder.changed():
                 continue
             try:
                 holder.reload()
-            except tlsfiles.TLSFileError as exc:
+            except tls.TLSFileError as exc:
                 # The bad file is re-checked at every pass: log and count it when it changes.
                 errors = self._tls_errors.setdefault(holder.name, logs.ChangeLogger(logger))
                 if errors.report(
@@ -568,8 +601,8 @@ class Router:
         assert parsed is not None  # "0" (disabled) never gets here
         host, port = parsed
         app = web.Application()
-        app.router.add_get("/metrics", self._metrics_handler)
-        app.router.add_get("/routes", self._routes_handler)
+        app.router.add_get("/metrics", metrics_handler(self._metrics_view))
+        app.router.add_get("/routes", routes_handler(self.live))
         for path in ("/healthz", "/livez", "/readyz"):
             app.router.add_get(path, self._health_handler)
         self._metrics_runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -580,17 +613,6 @@ class Router:
         except OSError as exc:
             raise StartupError(f"cannot listen on {address} for metrics: {exc.strerror}") from exc
         self.metrics_port = self._metrics_runner.addresses[0][1]
-
-    async def _metrics_handler(self, request: web.Request) -> web.Response:
-        body = await asyncio.get_running_loop().run_in_executor(
-            None, generate_latest, self._metrics_view()
-        )
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _routes_handler(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text=json.dumps(self.live.snapshot(), indent=2) + "\n", content_type="application/json"
-        )
 
     async def _health_handler(self, request: web.Request) -> web.Response:
         if request.path == "/readyz" and not self.ready:

@@ -7,16 +7,12 @@ key, so ``jq '.port'`` works. Messages formatted with ``%s`` keep working in bot
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 _RESERVED = frozenset({"ts", "level", "logger", "msg", "error"})
 
 
@@ -75,26 +71,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)
         return json.dumps(doc, separators=(",", ":"))
-
-
-def add_log_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The log flags every long-running subcommand shares."""
-    parser.add_argument(
-        "--log-format", choices=LOG_FORMATS, default="text", help="text (key=value) or json"
-    )
-    parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="lowest level logged"
-    )
-
-
-def setup(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # aiohttp's access log is one line per request: too much for a hot proxy.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 class ChangeLogger:

@@ -1,14 +1,43 @@
-"""Prometheus metrics of the request path, on an injected registry.
+"""Every Prometheus metric family of the router, on the registry it is given.
 
-Label children are cached so the hot path does one dict lookup, not ``labels()`` parsing.
+The composition root (router.app, or router.cli.reloader for the reloader's own process) builds
+each family once on its one registry and passes it to whoever counts: no module-global state.
+
+``ProxyMetrics``      the request path (label children cached: the hot path does one dict
+                      lookup, not ``labels()`` parsing).
+``ExpiryWarnings``    certificates close to expiry; ``ReloadState``: the last load of each source.
+``ClusterMetrics``    the cluster watches (routes loop and requestheader follower).
+``PolicyMetrics``     the NetworkPolicy loop; ``ReloaderMetrics``: the KEDA reloader.
+``metrics_handler(view)``, ``routes_handler(live)``
+                      GET /metrics (the exposition of a registry) and GET /routes (the live
+                      table as JSON), for the metrics ports of `serve` and `reloader`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import time
-from importlib import metadata
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from router import logs
+from router.core.live_routes import LiveRoutes
+from router.core.version import version
+
+logger = logging.getLogger("router.app")
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -94,7 +123,7 @@ class ProxyMetrics:
             multiprocess_mode="min",
         )
         self.start_time.set(time.time())
-        # Stale answers (router/stale.py): served instead of an upstream failure.
+        # Stale answers (router/core/stale.py): served instead of an upstream failure.
         self.stale_answers = Counter(
             "metrics_router_stale_answers_total",
             "Failed requests answered with the caller's own last good answer, by tenant and "
@@ -156,9 +185,190 @@ class ProxyMetrics:
         self.stale_age.labels(tenant).observe(age)
 
 
-def version() -> str:
-    """The installed package's version ("unknown" when run from a bare source tree)."""
-    try:
-        return metadata.version("tenant-metrics-router")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+class ExpiryWarnings:
+    """Certificates close to expiry: a gauge per certificate and one warning per expiry."""
+
+    def __init__(self, registry: CollectorRegistry, window: float) -> None:
+        self.window = window
+        self.expiring = Gauge(
+            "metrics_router_certificate_expiring_soon",
+            "1 when the certificate expires within --certificate-expiry-warning, else 0.",
+            ["certificate"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self._warned: dict[str, datetime] = {}
+
+    def check(self, name: str, not_after: datetime, now: datetime | None = None) -> bool:
+        left = (not_after - (now or datetime.now(UTC))).total_seconds()
+        soon = left < self.window
+        self.expiring.labels(name).set(1 if soon else 0)
+        if soon and self._warned.get(name) != not_after:
+            self._warned[name] = not_after
+            logger.warning(
+                "certificate expires soon",
+                extra=logs.fields(
+                    certificate=name,
+                    not_after=not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    hours_left=round(left / 3600, 1),
+                ),
+            )
+        return soon
+
+
+class ReloadState:
+    """Whether the last attempt to load each source succeeded: a bad file stays bad without
+    new failures being counted (they are counted once per distinct error), so alerts read
+    this gauge rather than the failure counter's increase."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ok = Gauge(
+            "metrics_router_last_reload_successful",
+            "1 when the last load of the source (serving, proxy-client, routes, requestheader) "
+            "succeeded, 0 while the router serves with the last good version.",
+            ["source"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+
+    def set(self, source: str, ok: bool) -> None:
+        self.ok.labels(source).set(1 if ok else 0)
+
+
+class Watched(Protocol):
+    """What ClusterMetrics reads of a watch (router.cluster.informer.Informer)."""
+
+    resource: str
+    last_sync: float | None
+    on_restart: Callable[[str], None] | None
+
+
+class ClusterMetrics:
+    """Metrics of the cluster watches, shared by the routes loop and the requestheader follower:
+    the composition root builds one and passes it to both."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.watch_restarts = Counter(
+            "metrics_router_watch_restarts_total",
+            "List/watch failures (410 Gone relists and errors) by resource.",
+            ["resource"],
+            registry=registry,
+        )
+        self.last_sync = Gauge(
+            "metrics_router_last_sync_timestamp_seconds",
+            "Unix time the stalest cluster watch last confirmed its view (list, event, "
+            "bookmark or reconnect).",
+            registry=registry,
+        )
+        self.route_conflicts = Counter(
+            "metrics_router_route_conflicts_total",
+            "Conflicts resolved deterministically (namespace: two tenants claim it; service: "
+            "two metrics Services for one tenant), counted when first seen.",
+            ["kind"],
+            registry=registry,
+        )
+        self.synced = Gauge(
+            "metrics_router_synced",
+            "1 once the route table has been computed from a complete first sync, else 0.",
+            registry=registry,
+        )
+        for kind in ("namespace", "service"):
+            self.route_conflicts.labels(kind)
+        self._informers: list[Watched] = []
+        self.last_sync.set_function(self._stalest)
+
+    def track(self, informer: Watched) -> None:
+        """Count the informer's restarts and include it in the last sync time."""
+        self._informers.append(informer)
+        child = self.watch_restarts.labels(informer.resource)
+        previous = informer.on_restart
+
+        def on_restart(reason: str) -> None:
+            child.inc()
+            if previous is not None:
+                previous(reason)
+
+        informer.on_restart = on_restart
+
+    def untrack(self, informer: Watched) -> None:
+        if informer in self._informers:
+            self._informers.remove(informer)
+
+    def _stalest(self) -> float:
+        times = [i.last_sync for i in self._informers]
+        if not times or any(t is None for t in times):
+            return 0.0
+        return min(t for t in times if t is not None)
+
+
+class PolicyMetrics:
+    """Metrics of the NetworkPolicy loop (applies, prunes, leadership)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.applies = Counter(
+            "metrics_router_policy_applies",
+            "Server-side applies of owned policy objects by result (success, failure).",
+            ["result"],
+            registry=registry,
+        )
+        self.prunes = Counter(
+            "metrics_router_policy_prunes",
+            "Owned policy objects deleted because no tenant wants them.",
+            registry=registry,
+        )
+        self.leader = Gauge(
+            "metrics_router_leader",
+            "1 while this replica holds the policy Lease (and may write policies).",
+            registry=registry,
+        )
+        for result in ("success", "failure"):
+            self.applies.labels(result)
+
+
+class ReloaderMetrics:
+    """Metrics of `metrics-router reloader` (its own process and registry); ``reasons`` are
+    the restart reasons the decision knows (router.reloader.decide.REASONS)."""
+
+    def __init__(self, registry: CollectorRegistry, reasons: Iterable[str]) -> None:
+        self.registry = registry
+        self.restarts = Counter(
+            "metrics_router_reloader_restarts_total",
+            "Restarts of the child by reason: namespaces (the set changed), crash (it exited "
+            "on its own).",
+            ["reason"],
+            registry=registry,
+        )
+        self.namespaces = Gauge(
+            "metrics_router_reloader_namespaces",
+            "Namespaces currently selected for WATCH_NAMESPACE (0 holds the child stopped).",
+            registry=registry,
+        )
+        self.child_up = Gauge(
+            "metrics_router_reloader_child_up", "1 while the child process runs.", registry=registry
+        )
+        for reason in reasons:
+            self.restarts.labels(reason)
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def metrics_handler(view: Callable[[], CollectorRegistry]) -> Handler:
+    """GET /metrics: the exposition of ``view()`` (rendered off the event loop)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, view())
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handle
+
+
+def routes_handler(live: LiveRoutes) -> Handler:
+    """GET /routes: the live route table, its source and each tenant's recent errors."""
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(
+            text=json.dumps(live.snapshot(), indent=2) + "\n", content_type="application/json"
+        )
+
+    return handle

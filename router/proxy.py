@@ -26,13 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from router import paths, stale, status
-from router.config import RequestHeaderSettings, StaleSettings
+from router.core import paths, stale, status
+from router.core.live_routes import LiveRoutes
+from router.core.routes import Upstream
 from router.http.client import UpstreamClient, UpstreamError, UpstreamResponse
 from router.http.server import Reply, status_reply
-from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
-from router.routes import Upstream
+from router.settings.serve import RequestHeaderSettings, StaleSettings
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("router.access")
@@ -74,10 +74,13 @@ _TEXT_TYPE = b"Content-Type: text/plain; charset=utf-8\r\n"
 MULTIPLE_COMMON_NAMES = "\x00multiple"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class IdentityHeaders:
     """Lower-case header names (bytes) that carry the caller's identity, and their canonical
-    upstream names (the defaults KEDA's metrics server reads)."""
+    upstream names (the defaults KEDA's metrics server reads).
+
+    Not frozen: ``name_actions`` is a cache filled as header names are seen (one per Proxy, so
+    one per identity-header configuration); the name sets are never reassigned."""
 
     user: frozenset[bytes]
     uid: frozenset[bytes]
@@ -320,7 +323,7 @@ class Proxy:
         self._gauges: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resumed_peer_ok = resumed_peer_ok
-        # Last good answers per caller (router/stale.py), following the routes in force.
+        # Last good answers per caller (router/core/stale.py), following the routes in force.
         self.stale = stale.StaleCache(stale_settings or StaleSettings())
         self._clock: Callable[[], float] = time.monotonic  # ages of remembered answers
         stale_default = self.stale.settings.serve_stale_for

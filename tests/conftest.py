@@ -1,6 +1,6 @@
 """Shared fixtures: a development PKI, KEDA-like stubs and a running Router on 127.0.0.1.
 
-Everything is real: TLS with certificates from router.certs, servers on OS-chosen loopback
+Everything is real: TLS with certificates from router.devtools.pki, servers on OS-chosen loopback
 ports, the Router built from `metrics-router serve` flags through the real argument parser.
 Nothing here is autouse; modules opt in (for example with
 ``pytestmark = pytest.mark.usefixtures("no_leftover_tasks")``).
@@ -40,10 +40,10 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.app import Router
-from router.certs import Pki, generate_pki
+from router.cli.options import add_serve_arguments, serve_config_from_args
 from router.cluster import client as kube
-from router.config import add_serve_arguments, serve_config_from_args
-from router.keda_stub import KedaStub
+from router.devtools.keda_stub import KedaStub
+from router.devtools.pki import Pki, generate_pki
 from tests.fakeapi import FakeKube
 
 PKI_TENANTS = ("a", "b", "c")

@@ -74,8 +74,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from router.certs import CertAndKey, issue_cert, make_ca
 from router.cluster.retry import Backoff
+from router.devtools.pki import CertAndKey, issue_cert, make_ca
 
 Obj = dict[str, Any]
 GVR = tuple[str, str]  # (api_version, resource)

@@ -1,4 +1,4 @@
-"""router.apiservice: the APIService object with a caBundle from the serving CA."""
+"""router.core.apiservice: the APIService object with a caBundle from the serving CA."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from router import certs
-from router.apiservice import (
+from router.core.apiservice import (
     GROUP,
     NAME,
     VERSION,
@@ -19,6 +18,7 @@ from router.apiservice import (
     certificate_blocks,
     to_yaml,
 )
+from router.devtools import pki as certs
 
 
 @pytest.fixture(scope="module")

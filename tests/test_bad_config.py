@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from router.certs import (
+from router.devtools.pki import (
     LOOPBACK_IPS,
     ROUTER_CLIENT_CN,
     ROUTER_SERVING_DNS,
@@ -306,7 +306,7 @@ async def test_certificate_close_to_expiry_warns_and_sets_a_metric(
 async def test_leaf_as_requestheader_ca_from_the_configmap_is_refused(
     start_router: StartRouter, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from router.config import RequestHeaderSettings
+    from router.settings.serve import RequestHeaderSettings
 
     h = await start_router({"a": ["tenant-a"], "b": ["tenant-b"]})
     leaf = RequestHeaderSettings(client_ca_pem=pki.front_proxy_client_cert.read_bytes())

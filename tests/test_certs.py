@@ -1,4 +1,4 @@
-"""router.certs and `metrics-router certs init`: files, names, chains, refusal to overwrite."""
+"""router.devtools.pki and `metrics-router certs init`: files, names, chains, no overwrite."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from router.certs import CertAndKey, Pki, PkiExistsError, generate_pki, issue_cert, make_ca
-from router.cli import main as cli_main
+from router.cli.main import main as cli_main
+from router.devtools.pki import CertAndKey, Pki, PkiExistsError, generate_pki, issue_cert, make_ca
 
 TENANTS = ("a", "b")
 

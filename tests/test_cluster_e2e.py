@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from router.app import Router
-from router.certs import Pki
-from router.config import serve_config_from_args
-from router.routes import RouteTable
+from router.cli.options import serve_config_from_args
+from router.core.routes import RouteTable
+from router.devtools.pki import Pki
 from tests.conftest import (
     HPA_IDENTITY,
     RecordingStub,

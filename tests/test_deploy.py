@@ -26,8 +26,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from router import certs, config
-from router.apiservice import apiservice
+from router.cli import options as config
+from router.core.apiservice import apiservice
+from router.devtools import pki as certs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -58,16 +59,21 @@ def registered_metrics() -> tuple[frozenset[str], frozenset[str]]:
     """(every sample name family, histogram families) that the code registers."""
     from prometheus_client import CollectorRegistry
 
-    from router.app import ExpiryWarnings, ReloadState
-    from router.cluster.metrics import PolicyMetrics, cluster_metrics
-    from router.metrics import ProxyMetrics
-    from router.reloader.metrics import ReloaderMetrics
+    from router.metrics import (
+        ClusterMetrics,
+        ExpiryWarnings,
+        PolicyMetrics,
+        ProxyMetrics,
+        ReloaderMetrics,
+        ReloadState,
+    )
+    from router.reloader.decide import REASONS
 
     registry = CollectorRegistry()
     ProxyMetrics(registry)
-    cluster_metrics(registry)
+    ClusterMetrics(registry)
     PolicyMetrics(registry)
-    ReloaderMetrics(registry)
+    ReloaderMetrics(registry, REASONS)
     ExpiryWarnings(registry, 0)
     ReloadState(registry)
     names: set[str] = set()
@@ -245,7 +251,7 @@ def dashboard_exprs() -> list[str]:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    from router import serve
+    from router.cli import serve
 
     parser = argparse.ArgumentParser(prog="metrics-router serve", exit_on_error=False)
     serve.add_arguments(parser)
@@ -932,7 +938,7 @@ def test_keda_post_render_drops_the_apiservice_and_validates(
 def test_keda_operator_runs_under_the_reloader(
     keda_tenant_a: tuple[list[dict[str, Any]], list[dict[str, Any]]],
 ) -> None:
-    from router import reloader_cli
+    from router.cli import reloader as reloader_cli
 
     chart, out = keda_tenant_a
     before = container(one(chart, "Deployment", "keda-operator"))

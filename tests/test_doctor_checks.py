@@ -821,7 +821,7 @@ def test_an_unreachable_api_fails_once_and_skips_the_rest() -> None:
     ],
 )
 def test_local_metrics_url_follows_the_bind_address(bind: str, url: str | None) -> None:
-    from router.doctor.command import local_metrics_url
+    from router.cli.doctor import local_metrics_url
 
     assert local_metrics_url(bind) == url
 

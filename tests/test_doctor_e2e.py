@@ -2,7 +2,7 @@
 stubs play a healthy installation, then one fault at a time is planted; the report's ✗ lines
 and the exit codes are asserted.
 
-The doctor runs through the real command line (``router.cli.main``) in a worker thread with
+The doctor runs through the real command line (``router.cli.main.main``) in a worker thread with
 its own event loop, while this test's loop serves the fake API, the stubs and the router.
 """
 
@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 import yaml
 
-from router import cli
 from router.app import Router
-from router.certs import Pki, generate_pki
-from router.config import serve_config_from_args
-from router.keda_stub import KedaStub
+from router.cli import main as cli
+from router.cli.options import serve_config_from_args
+from router.devtools.keda_stub import KedaStub
+from router.devtools.pki import Pki, generate_pki
 from tests.conftest import parse_serve_args, routes_yaml, serve_args
 from tests.fakeapi import FakeKube
 

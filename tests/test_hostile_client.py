@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from router.certs import CertAndKey
+from router.devtools.pki import CertAndKey
 from tests.conftest import (
     HPA_IDENTITY,
     NoResponseError,

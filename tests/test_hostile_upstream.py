@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from router.certs import ROUTER_CLIENT_CN, CertAndKey, Pki, issue_cert
+from router.devtools.pki import ROUTER_CLIENT_CN, CertAndKey, Pki, issue_cert
 from tests.conftest import (
     HPA_IDENTITY,
     StartRouter,

@@ -15,8 +15,8 @@ import pytest
 import uvloop
 
 from router.app import Router
-from router.certs import Pki
-from router.config import serve_config_from_args
+from router.cli.options import serve_config_from_args
+from router.devtools.pki import Pki
 from tests.conftest import (
     HPA_IDENTITY,
     RawConnection,

@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from router.app import Router
-from router.certs import Pki
-from router.config import serve_config_from_args
+from router.cli.options import serve_config_from_args
+from router.devtools.pki import Pki
 from tests.conftest import (
     HPA_IDENTITY,
     client_ssl_context,

@@ -1,4 +1,4 @@
-"""KedaStub over real TLS on 127.0.0.1 with certificates from router.certs."""
+"""KedaStub over real TLS on 127.0.0.1 with certificates from router.devtools.pki."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from router.certs import CertAndKey, Pki, generate_pki, issue_cert
-from router.keda_stub import KedaStub, parse_simple_selector
+from router.devtools.keda_stub import KedaStub, parse_simple_selector
+from router.devtools.pki import CertAndKey, Pki, generate_pki, issue_cert
 
 METRIC_PATH = "/apis/external.metrics.k8s.io/v1beta1/namespaces/tenant-a/s0-prometheus"
 IDENTITY = (
@@ -295,7 +295,7 @@ async def test_standalone_process(pki: Pki) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "router.keda_stub",
+        "router.devtools.keda_stub",
         "--tenant",
         "a",
         "--cert",

@@ -23,7 +23,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from router.config import TenancySettings
+from router.cli.render import output_files, write_output_dir
+from router.core.names import is_dns1123_label, is_dns1123_subdomain
 from router.core.policy import (
     ANNOTATION_EGRESS_CIDRS,
     ANNOTATION_EGRESS_FQDNS,
@@ -56,10 +57,9 @@ from router.core.policy import (
     tenant_networks,
     tenant_slug,
 )
+from router.core.routes import RouteTable, parse_routes_file
 from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve
-from router.names import is_dns1123_label, is_dns1123_subdomain
-from router.render import output_files, write_output_dir
-from router.routes import RouteTable, parse_routes_file
+from router.settings import TenancySettings
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 CILIUM_SCHEMA = SCHEMAS / "cilium.io" / "ciliumclusterwidenetworkpolicy_v2.json"

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import yaml
 
-from router import certs, config, demo
-from router.config import TenancySettings
+from router.cli import options as config
+from router.core.routes import parse_routes_file
 from router.core.tenancy import NamespaceInfo, resolve, tenant_of
-from router.routes import parse_routes_file
+from router.devtools import demo
+from router.devtools import pki as certs
+from router.settings import TenancySettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PATTERN = TenancySettings(strategies=("pattern",))

@@ -17,11 +17,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from router import cli, kubeconfig, logs
-from router.certs import Pki
+from router import logs
+from router.cli import main as cli
 from router.cluster import client as kube
-from router.keda_stub import KedaStub
-from router.version import version
+from router.cluster import kubeconfig
+from router.core.version import version
+from router.devtools.keda_stub import KedaStub
+from router.devtools.pki import Pki
 from tests.conftest import HPA_IDENTITY, RawConnection, client_ssl_context, metric_path, routes_yaml
 from tests.fakeapi import FakeKube
 from tests.test_serve_cli import _read_until, base_args, make_stub, run_cli, running_router
@@ -119,6 +121,40 @@ async def test_workers_serve_a_free_port_and_stop_on_sigterm(
         r.proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(r.proc.wait(), 30)
     assert code == 0, "".join(r.log)
+
+
+async def test_workers_metrics_port_sums_the_requests_of_every_worker(
+    pki: Pki, tmp_path: Path, stub: KedaStub
+) -> None:
+    """Worker 0's /metrics reads every worker's per-process files (prometheus_client's
+    multiprocess mode): without PROMETHEUS_MULTIPROC_DIR set before the workers import it, the
+    request counter would be missing there."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(routes_yaml({"a": (["tenant-a"], stub.url, None)}))
+    args = [*base_args(pki, routes), "--workers", "2"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        args[args.index("--secure-port") + 1] = str(probe.getsockname()[1])
+    async with running_router(args) as r:
+        for _ in range(4):  # one connection each: the kernel spreads them over the workers
+            conn = await RawConnection.open(r.port, client_ssl_context(pki))
+            try:
+                assert (await conn.request(metric_path("tenant-a"), HPA_IDENTITY)).status == 200
+            finally:
+                await conn.close()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{r.metrics_port}/metrics") as resp,
+        ):
+            text = await resp.text()
+        r.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(r.proc.wait(), 30) == 0
+    counted = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("metrics_router_requests_total{")
+    )
+    assert counted == 4
 
 
 # --------------------------------------------------------------------------- logs

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from router import paths, status
-from router.paths import Kind, Target
+from router.core import paths, status
+from router.core.paths import Kind, Target
 
 GV = "/apis/external.metrics.k8s.io/v1beta1"
 NS = GV + "/namespaces"

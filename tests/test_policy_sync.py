@@ -17,15 +17,14 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from router.cluster import client as kube
-from router.cluster.lease import LeaderElector
-from router.cluster.policy_loop import FIELD_MANAGER, PolicySync, PolicySyncSettings
-from router.cluster.policy_options import (
+from router.cli.policy_options import (
     add_policy_arguments,
     parse_duration,
     policy_settings_from_args,
 )
-from router.config import TenancySettings
+from router.cluster import client as kube
+from router.cluster.lease import LeaderElector
+from router.cluster.policy_loop import FIELD_MANAGER, PolicySync, PolicySyncSettings
 from router.core.policy import (
     KIND_CILIUM,
     KIND_NETWORKPOLICY,
@@ -33,7 +32,8 @@ from router.core.policy import (
     parse_policy_config,
 )
 from router.core.tenancy import NamespaceInfo, Resolution, resolve
-from router.settings import LeaderElectionSettings
+from router.metrics import PolicyMetrics
+from router.settings import LeaderElectionSettings, TenancySettings
 from tests.conftest import wait_until as poll_until
 from tests.fakeapi import FakeKube
 from tests.test_manifests import talk_tree
@@ -88,7 +88,9 @@ async def running(
     fake: FakeKube, s: PolicySyncSettings, registry: CollectorRegistry | None = None
 ) -> AsyncIterator[PolicySync]:
     api = await kube.api_client(fake.kubeconfig)
-    sync = PolicySync(api, kind=s.kind, settings=s, registry=registry or CollectorRegistry())
+    sync = PolicySync(
+        api, kind=s.kind, settings=s, metrics=PolicyMetrics(registry or CollectorRegistry())
+    )
     task = asyncio.create_task(sync.run())
     try:
         yield sync

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from router import paths, status
-from router.names import is_dns1123_label
-from router.routes import (
+from router.core import paths, status
+from router.core.names import is_dns1123_label
+from router.core.routes import (
     DEFAULT_TENANT,
     RoutesError,
     RouteTable,

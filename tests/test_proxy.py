@@ -9,10 +9,10 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from router import status
-from router.certs import Pki
-from router.config import RequestHeaderSettings
+from router.core import status
+from router.devtools.pki import Pki
 from router.proxy import IdentityHeaders, forward_headers
+from router.settings.serve import RequestHeaderSettings
 from tests.conftest import (
     HPA_IDENTITY,
     METRIC_PREFIX,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from router.certs import Pki, issue_cert, make_ca
+from router.devtools.pki import Pki, issue_cert, make_ca
 from tests.conftest import (
     HPA_IDENTITY,
     NoResponseError,

@@ -4,6 +4,7 @@ metrics, outages, and the extension-apiserver-authentication follower."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -11,17 +12,17 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
-from router.cluster.metrics import cluster_metrics
+from router import logs
 from router.cluster.requestheader import RequestHeaderFollower, parse_auth_configmap
 from router.cluster.routes_loop import ClusterRoutes
-from router.config import (
+from router.core.routes import RouteTable
+from router.metrics import ClusterMetrics, ProxyMetrics
+from router.settings import TenancySettings
+from router.settings.serve import (
     DEFAULT_GROUP_HEADERS,
     DEFAULT_USERNAME_HEADERS,
     RequestHeaderSettings,
-    TenancySettings,
 )
-from router.metrics import ProxyMetrics
-from router.routes import RouteTable
 from tests.fakeapi import FakeKube, Signal, fast_backoff, running
 
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}
@@ -61,7 +62,9 @@ class Tables:
 def make_routes(
     api: ApiClient, settings: TenancySettings, tables: Tables, registry: CollectorRegistry
 ) -> ClusterRoutes:
-    return ClusterRoutes(api, settings, registry=registry, on_table=tables, backoff=fast_backoff)
+    return ClusterRoutes(
+        api, settings, metrics=ClusterMetrics(registry), on_table=tables, backoff=fast_backoff
+    )
 
 
 # The tenants here are the short names ("a" for tenant-a): a custom --tenant-pattern.
@@ -234,10 +237,24 @@ async def test_first_table_waits_for_both_informers(fake: FakeKube, api: ApiClie
         assert tables.seen[0].lookup("tenant-a") is not None
 
 
+async def test_route_table_log_line_carries_its_fields_as_keys(
+    fake: FakeKube, api: ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.add_namespace("tenant-a")
+    fake.add_namespace("tenant-a--dev")
+    routes = make_routes(api, PATTERN_TPL, Tables(), CollectorRegistry())
+    with caplog.at_level(logging.INFO, logger="router"):
+        async with running(routes.run()):
+            await asyncio.wait_for(routes.synced.wait(), 2)
+    (record,) = [r for r in caplog.records if r.getMessage() == "route table updated"]
+    doc = json.loads(logs.JsonFormatter().format(record))
+    assert (doc["tenants"], doc["namespaces"], doc["unrouted_tenants"]) == (1, 2, 0)
+
+
 def test_metrics_share_a_registry_with_the_proxy_metrics() -> None:
     registry = CollectorRegistry()
     ProxyMetrics(registry)
-    assert cluster_metrics(registry) is cluster_metrics(registry)
+    ClusterMetrics(registry)
     names = {m.name for m in registry.collect()}
     assert {"metrics_router_watch_restarts", "metrics_router_synced"} <= names
 
@@ -319,7 +336,7 @@ async def test_requestheader_follower(fake: FakeKube, api: ApiClient) -> None:
         signal.notify()
 
     follower = RequestHeaderFollower(
-        api, on_change, registry=CollectorRegistry(), backoff=fast_backoff()
+        api, on_change, metrics=ClusterMetrics(CollectorRegistry()), backoff=fast_backoff()
     )
     async with running(follower.run()):
         await asyncio.wait_for(follower.got_first.wait(), 2)

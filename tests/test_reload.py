@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from router.certs import (
+from router.devtools.pki import (
     FRONT_PROXY_CLIENT_CN,
     LOOPBACK_IPS,
     ROUTER_SERVING_DNS,

@@ -24,18 +24,17 @@ import yaml
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
-from router import cli
+from router.cli import main as cli
+from router.cli.reloader import config_from_args, parse_duration
+from router.cli.reloader import main as reloader_main
 from router.cluster.client import api_client
 from router.cluster.retry import Backoff
-from router.config import TenancySettings
-from router.reloader.decide import CrashBackoff, exit_status, watch_namespace_value
+from router.metrics import ReloaderMetrics
+from router.reloader.decide import REASONS, CrashBackoff, exit_status, watch_namespace_value
 from router.reloader.health import start_health_server
-from router.reloader.metrics import ReloaderMetrics
 from router.reloader.shell import Reloader
 from router.reloader.source import NamespaceSource
-from router.reloader_cli import config_from_args, parse_duration
-from router.reloader_cli import main as reloader_main
-from router.settings import ReloaderSettings
+from router.settings import ReloaderSettings, TenancySettings
 from tests.fakeapi import FakeKube
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
@@ -160,7 +159,9 @@ class Harness:
     def __init__(self, settings: ReloaderSettings) -> None:
         self.registry = CollectorRegistry()
         self.events = Events()
-        self.reloader = Reloader(settings, ReloaderMetrics(self.registry), on_event=self.events)
+        self.reloader = Reloader(
+            settings, ReloaderMetrics(self.registry, REASONS), on_event=self.events
+        )
         self.task: asyncio.Task[int] = asyncio.create_task(self.reloader.run())
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:

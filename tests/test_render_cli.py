@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.certs import make_ca
-from router.cli import main
+from router.cli.main import main
+from router.devtools.pki import make_ca
 from tests.fakeapi import FakeKube
 from tests.test_manifests import talk_tree
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from router.routes import (
+from router.core.routes import (
     DEFAULT_TENANT,
     Route,
     RoutesError,

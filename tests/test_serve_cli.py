@@ -17,8 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from router.certs import Pki
-from router.keda_stub import KedaStub
+from router.devtools.keda_stub import KedaStub
+from router.devtools.pki import Pki
 from tests.conftest import (
     HPA_IDENTITY,
     RawConnection,

@@ -1,4 +1,4 @@
-"""Last-known-good answers (router/stale.py): pure tests, time passed in, no sleeps."""
+"""Last-known-good answers (router/core/stale.py): pure tests, time passed in, no sleeps."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from router import stale
-from router.certs import Pki
-from router.config import RequestHeaderSettings, StaleSettings, serve_config_from_args
-from router.core import tenancy
+from router.cli.options import serve_config_from_args
+from router.core import stale, tenancy
+from router.core.routes import RoutesError, RouteTable, Tenant, Upstream, parse_routes_file
+from router.devtools.pki import Pki
 from router.proxy import IdentityHeaders, forward_headers
-from router.routes import RoutesError, RouteTable, Tenant, Upstream, parse_routes_file
 from router.settings import TenancySettings
+from router.settings.serve import RequestHeaderSettings, StaleSettings
 from tests.conftest import HPA_IDENTITY, parse_serve_args, serve_args
 
 TARGET = "/apis/external.metrics.k8s.io/v1beta1/namespaces/tenant-a/s0-prometheus?labelSelector=x"

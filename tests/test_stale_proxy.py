@@ -14,9 +14,10 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 
 from router.cluster.routes_loop import ClusterRoutes
-from router.config import TenancySettings
+from router.core.routes import RouteTable
 from router.core.tenancy import SERVE_STALE_ANNOTATION
-from router.routes import RouteTable
+from router.metrics import ClusterMetrics
+from router.settings import TenancySettings
 from tests.conftest import (
     HPA_IDENTITY,
     Reply,
@@ -269,7 +270,9 @@ async def test_service_annotation_sets_the_tenant_duration(fake: FakeKube, api: 
         changed.notify()
 
     settings = TenancySettings(strategies=("pattern",))
-    routes = ClusterRoutes(api, settings, registry=CollectorRegistry(), on_table=on_table)
+    routes = ClusterRoutes(
+        api, settings, metrics=ClusterMetrics(CollectorRegistry()), on_table=on_table
+    )
 
     def stale_for() -> float | None:
         tenant = tables[-1].tenant("tenant-a") if tables else None

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from router import status
+from router.core import status
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from router.config import TenancySettings
+from router.core.routes import Upstream
 from router.core.tenancy import (
     HNC_DEPTH_SUFFIX,
     NamespaceInfo,
@@ -15,7 +15,7 @@ from router.core.tenancy import (
     resolve,
     tenant_of,
 )
-from router.routes import Upstream
+from router.settings import TenancySettings
 
 ROOT = {"tenancy.metrics-router.io/root": "true"}
 KEDA = {"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}

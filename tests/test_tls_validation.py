@@ -7,9 +7,9 @@ import datetime as dt
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from router import tlsfiles
-from router.certs import CertAndKey, Pki, issue_cert, make_ca
-from router.tlsfiles import TLSFileError
+from router import tls as tlsfiles
+from router.devtools.pki import CertAndKey, Pki, issue_cert, make_ca
+from router.tls import TLSFileError
 
 NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)

@@ -121,7 +121,7 @@ def _retry_after(value: str | None) -> float | None:
 
 async def api_client(kubeconfig: Path | None) -> ApiClient:
     """An ApiClient from the kubeconfig file, $KUBECONFIG, in-cluster, or ~/.kube/config."""
-    from router import kubeconfig as kubeconfig_loader
+    from router.cluster import kubeconfig as kubeconfig_loader
 
     configuration = Configuration()
     try:  # --kubeconfig, $KUBECONFIG, in-cluster, ~/.kube/config: as kubectl finds it

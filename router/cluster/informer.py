@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
+from router import logs
 from router.cluster.client import (
     DEFAULT_TIMEOUT,
     KubeApiError,
@@ -128,7 +129,8 @@ class Informer:
                 self._restarted("gone")
                 self.resource_version = None
                 logger.info(
-                    "watch expired; relisting resource=%s reason=%r", self.resource, exc.message
+                    "watch expired; relisting",
+                    extra=logs.fields(resource=self.resource, reason=exc.message),
                 )
                 # Relist at once; only 410s with no event in between (a loop) back off.
                 self._gone_streak += 1
@@ -141,11 +143,13 @@ class Informer:
                 delay = self.backoff.next(getattr(exc, "retry_after", None))
                 known = isinstance(exc, KubeError | aiohttp.ClientError | OSError | TimeoutError)
                 logger.warning(
-                    "list/watch failed; will retry resource=%s attempt=%d delay=%.2fs error=%s",
-                    self.resource,
-                    self.backoff.attempts,
-                    delay,
-                    f"{type(exc).__name__}: {exc}",
+                    "list/watch failed; will retry",
+                    extra=logs.fields(
+                        resource=self.resource,
+                        attempt=self.backoff.attempts,
+                        delay=round(delay, 2),
+                        error=f"{type(exc).__name__}: {exc}",
+                    ),
                     exc_info=not known,
                 )
                 await asyncio.sleep(delay)
@@ -249,7 +253,9 @@ class Informer:
         elif kind == "DELETED":
             self._store.pop(key, None)
         else:
-            logger.debug("ignoring watch event type=%s resource=%s", kind, self.resource)
+            logger.debug(
+                "ignoring watch event", extra=logs.fields(type=kind, resource=self.resource)
+            )
             return
         if version:
             self.resource_version = str(version)

@@ -19,6 +19,7 @@ from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
 
+from router import logs
 from router.cluster import client as kube
 from router.cluster.retry import Backoff
 from router.settings import LeaderElectionSettings
@@ -117,11 +118,11 @@ class LeaderElector:
         if leader != self.is_leader:
             self.is_leader = leader
             logger.info(
-                "leader election %s lease=%s/%s identity=%s",
+                "leader election %s",
                 "acquired" if leader else "lost",
-                self.s.namespace,
-                self.s.lease_name,
-                self.identity,
+                extra=logs.fields(
+                    lease=f"{self.s.namespace}/{self.s.lease_name}", identity=self.identity
+                ),
             )
             self.on_change(leader)
 
@@ -132,7 +133,9 @@ class LeaderElector:
         try:
             ok = await self.try_acquire_or_renew()
         except kube.KubeError as exc:
-            logger.warning("leader election: lease request failed error=%s", exc)
+            logger.warning(
+                "leader election: lease request failed", extra=logs.fields(error=str(exc))
+            )
             ok, failure = None, exc
         now = self.clock()
         if ok:
@@ -177,6 +180,9 @@ class LeaderElector:
                 "acquireTime": now,
             }
             await kube.request(self.api, "PUT", self._path, body=lease)
-            logger.info("leader election released lease=%s/%s", self.s.namespace, self.s.lease_name)
+            logger.info(
+                "leader election released",
+                extra=logs.fields(lease=f"{self.s.namespace}/{self.s.lease_name}"),
+            )
         except kube.KubeError as exc:
-            logger.warning("leader election: release failed error=%s", exc)
+            logger.warning("leader election: release failed", extra=logs.fields(error=str(exc)))

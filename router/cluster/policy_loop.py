@@ -45,14 +45,12 @@ from types import MappingProxyType
 from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
-from prometheus_client import CollectorRegistry
 
+from router import logs
 from router.cluster import client as kube
 from router.cluster.lease import LeaderElector
-from router.cluster.metrics import PolicyMetrics
 from router.cluster.reads import discover_apiserver_cidrs, list_all, namespace_meta
 from router.cluster.retry import Backoff
-from router.config import TenancySettings
 from router.core.policy import (
     CILIUM_API,
     KIND_CILIUM,
@@ -70,9 +68,10 @@ from router.core.policy import (
     root_namespace_of,
     tenant_networks,
 )
+from router.core.routes import RouteTable
 from router.core.tenancy import NamespaceInfo, Resolution
-from router.routes import RouteTable
-from router.settings import LeaderElectionSettings
+from router.metrics import PolicyMetrics
+from router.settings import LeaderElectionSettings, TenancySettings
 
 logger = logging.getLogger(__name__)
 
@@ -146,14 +145,14 @@ class PolicySync:
         *,
         kind: str,
         settings: PolicySyncSettings,
-        registry: CollectorRegistry,
+        metrics: PolicyMetrics,
     ) -> None:
         if kind not in RESOURCES:
             raise ValueError(f"unknown policy kind {kind!r}")
         self.api = api
         self.kind = kind
         self.settings = settings
-        self.metrics = PolicyMetrics(registry)
+        self.metrics = metrics
         self.config = settings.config
         self._config_stamp = self._stamp()
         self._input: SyncInputs | None = None
@@ -251,10 +250,10 @@ class PolicySync:
             else:
                 delay = self._backoff.next()
                 logger.warning(
-                    "policy sync incomplete; will retry delay=%.2fs failed=%d error=%s",
-                    delay,
-                    len(result.failed),
-                    result.error,
+                    "policy sync incomplete; will retry",
+                    extra=logs.fields(
+                        delay=round(delay, 2), failed=len(result.failed), error=result.error
+                    ),
                 )
             await self._wait_any(self._stopping, self._dirty, limit=delay)
 
@@ -287,9 +286,14 @@ class PolicySync:
         self._config_stamp = stamp
         try:
             self.config = parse_policy_config(self.settings.config_path.read_text())
-            logger.info("policy config reloaded path=%s", self.settings.config_path)
+            logger.info(
+                "policy config reloaded", extra=logs.fields(path=str(self.settings.config_path))
+            )
         except (OSError, ManifestError) as exc:
-            logger.error("policy config not reloaded; keeping the last good one error=%s", exc)
+            logger.error(
+                "policy config not reloaded; keeping the last good one",
+                extra=logs.fields(error=str(exc)),
+            )
 
     async def _annotations(self, inputs: SyncInputs) -> dict[str, NamespaceMeta]:
         """Namespace metadata with annotations fetched for roots given without them."""
@@ -349,7 +353,9 @@ class PolicySync:
                 obj.setdefault("apiVersion", api_version)
                 obj.setdefault("kind", kind_name)
         except ManifestError as exc:
-            logger.error("policies not rendered; cluster left as is errors=%s", exc.errors)
+            logger.error(
+                "policies not rendered; cluster left as is", extra=logs.fields(errors=exc.errors)
+            )
             return await self._finish(SyncResult(error=str(exc)))
         except kube.KubeError as exc:
             return await self._finish(SyncResult(error=f"reading the cluster: {exc}"))
@@ -378,11 +384,13 @@ class PolicySync:
             except kube.KubeError as exc:
                 self.metrics.applies.labels("failure").inc()
                 failed.append(m.key)
-                logger.warning("policy apply failed object=%s error=%s", m.key, exc)
+                logger.warning(
+                    "policy apply failed", extra=logs.fields(object=str(m.key), error=str(exc))
+                )
                 continue
             self.metrics.applies.labels("success").inc()
             applied.append(m.key)
-            logger.info("policy applied object=%s", m.key)
+            logger.info("policy applied", extra=logs.fields(object=str(m.key)))
         by_key = {key_of(o): o for o in actual}
         for key in todo.delete:
             if not self.is_leader:
@@ -402,11 +410,13 @@ class PolicySync:
                 pass
             except kube.KubeError as exc:
                 failed.append(key)
-                logger.warning("policy prune failed object=%s error=%s", key, exc)
+                logger.warning(
+                    "policy prune failed", extra=logs.fields(object=str(key), error=str(exc))
+                )
                 continue
             self.metrics.prunes.inc()
             pruned.append(key)
-            logger.info("policy pruned object=%s", key)
+            logger.info("policy pruned", extra=logs.fields(object=str(key)))
         return await self._finish(SyncResult(tuple(applied), tuple(failed), tuple(pruned)))
 
     @staticmethod

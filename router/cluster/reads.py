@@ -13,12 +13,12 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient
 
 from router.cluster import client as kube
-from router.config import TenancySettings
 from router.core.policy import (
     NamespaceMeta,
 )
+from router.core.routes import RouteTable
 from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve
-from router.routes import RouteTable
+from router.settings import TenancySettings
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,11 @@ class ClusterTenancy:
     all_tenants: Mapping[str, tuple[str, ...]]
 
 
-async def load_cluster_tenancy(api: ApiClient, tenancy: TenancySettings) -> ClusterTenancy:
-    """One-shot read of namespaces and KEDA metrics Services, resolved like `serve` does."""
+async def list_tenancy_inputs(
+    api: ApiClient, tenancy: TenancySettings
+) -> tuple[list[dict[str, Any]], list[ServiceInfo]]:
+    """One-shot list of what the tenancy reads: the selected namespaces (raw objects) and, unless
+    an upstream template is set, the KEDA metrics Services. Raises KubeError."""
     ns_query = [("labelSelector", tenancy.namespace_selector)] if tenancy.namespace_selector else []
     raw_ns = await list_all(api, kube.resource_path("namespaces"), ns_query)
     services: list[ServiceInfo] = []
@@ -68,6 +71,12 @@ async def load_cluster_tenancy(api: ApiClient, tenancy: TenancySettings) -> Clus
             [("labelSelector", tenancy.upstream_service_selector)],
         )
         services = [ServiceInfo.from_object(s) for s in raw_svc]
+    return raw_ns, services
+
+
+async def load_cluster_tenancy(api: ApiClient, tenancy: TenancySettings) -> ClusterTenancy:
+    """One-shot read of namespaces and KEDA metrics Services, resolved like `serve` does."""
+    raw_ns, services = await list_tenancy_inputs(api, tenancy)
     resolution = resolve([NamespaceInfo.from_object(n) for n in raw_ns], services, tenancy)
     metas = {m.name: m for m in map(namespace_meta, raw_ns)}
     return ClusterTenancy(resolution.table, metas, resolution.tenants)

@@ -2,7 +2,7 @@
 
 Public API
 ----------
-``RequestHeaderFollower(api, on_change, *, registry, backoff=None)``
+``RequestHeaderFollower(api, on_change, *, metrics, backoff=None)``
     Watches ``kube-system/extension-apiserver-authentication`` and calls
     ``on_change(RequestHeaderSettings)`` at the first sight and whenever the parsed settings
     change. A missing or unparsable ConfigMap is logged and the last good settings stay in
@@ -24,12 +24,12 @@ import logging
 from collections.abc import Callable, Mapping
 
 from kubernetes_asyncio.client import ApiClient
-from prometheus_client import CollectorRegistry
 
+from router import logs
 from router.cluster.informer import Informer
-from router.cluster.metrics import cluster_metrics
 from router.cluster.retry import Backoff
-from router.config import (
+from router.metrics import ClusterMetrics
+from router.settings.serve import (
     DEFAULT_EXTRA_PREFIXES,
     DEFAULT_GROUP_HEADERS,
     DEFAULT_UID_HEADERS,
@@ -101,11 +101,11 @@ class RequestHeaderFollower:
         api: ApiClient,
         on_change: Callable[[RequestHeaderSettings], None],
         *,
-        registry: CollectorRegistry,
+        metrics: ClusterMetrics,
         backoff: Backoff | None = None,
     ) -> None:
         self.on_change = on_change
-        self.metrics = cluster_metrics(registry)
+        self.metrics = metrics
         self.informer = Informer(
             api,
             "configmaps",
@@ -139,12 +139,13 @@ class RequestHeaderFollower:
             return
         self.settings = settings
         logger.info(
-            "requestheader settings from ConfigMap allowed_names=%s username_headers=%s "
-            "group_headers=%s extra_headers_prefixes=%s",
-            ",".join(settings.allowed_names) or "(any)",
-            ",".join(settings.username_headers),
-            ",".join(settings.group_headers),
-            ",".join(settings.extra_headers_prefixes),
+            "requestheader settings from ConfigMap",
+            extra=logs.fields(
+                allowed_names=",".join(settings.allowed_names) or "(any)",
+                username_headers=",".join(settings.username_headers),
+                group_headers=",".join(settings.group_headers),
+                extra_headers_prefixes=",".join(settings.extra_headers_prefixes),
+            ),
         )
         self.on_change(settings)
         self.got_first.set()

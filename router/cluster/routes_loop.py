@@ -2,7 +2,7 @@
 
 Public API
 ----------
-``ClusterRoutes(api, settings, *, registry, on_table, default=None, backoff=None,
+``ClusterRoutes(api, settings, *, metrics, on_table, default=None, backoff=None,
 min_interval=0.05)``
     Runs a namespaces Informer (``settings.namespace_selector``) and a services Informer
     (``settings.upstream_service_selector``, all namespaces), recomputes
@@ -27,13 +27,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
-from prometheus_client import CollectorRegistry
 
+from router import logs
 from router.cluster.informer import Informer
-from router.cluster.metrics import cluster_metrics
 from router.cluster.retry import Backoff
 from router.core import tenancy
-from router.routes import RouteTable, Upstream
+from router.core.routes import RouteTable, Upstream
+from router.metrics import ClusterMetrics
 from router.settings import TenancySettings
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class ClusterRoutes:
         api: ApiClient,
         settings: TenancySettings,
         *,
-        registry: CollectorRegistry,
+        metrics: ClusterMetrics,
         on_table: Callable[[RouteTable], None],
         default: Upstream | None = None,
         backoff: Callable[[], Backoff] | None = None,
@@ -59,7 +59,7 @@ class ClusterRoutes:
         self.min_interval = min_interval
         self.default = default
         self.on_table = on_table
-        self.metrics = cluster_metrics(registry)
+        self.metrics = metrics
         make_backoff = backoff or Backoff
         self.namespaces = Informer(
             api, "namespaces", label_selector=settings.namespace_selector, backoff=make_backoff()
@@ -81,6 +81,12 @@ class ClusterRoutes:
         # identical object means an unchanged info and recomputes skip re-parsing it.
         self._ns_infos: dict[str, tuple[dict[str, Any], tenancy.NamespaceInfo]] = {}
         self._svc_infos: dict[str, tuple[dict[str, Any], tenancy.ServiceInfo]] = {}
+
+    @property
+    def namespace_objects(self) -> Mapping[str, dict[str, Any]]:
+        """The watched namespaces (raw objects by name), read-only: the policy loop reads their
+        annotations."""
+        return self.namespaces.cache
 
     async def run(self) -> None:
         """Watch and recompute until cancelled."""
@@ -121,10 +127,12 @@ class ClusterRoutes:
         if self._table is None or resolution.table != self._table:
             self._table = resolution.table
             logger.info(
-                "route table updated tenants=%d namespaces=%d unrouted_tenants=%d",
-                len(resolution.table.tenants),
-                resolution.table.namespace_count,
-                len(resolution.unrouted),
+                "route table updated",
+                extra=logs.fields(
+                    tenants=len(resolution.table.tenants),
+                    namespaces=resolution.table.namespace_count,
+                    unrouted_tenants=len(resolution.unrouted),
+                ),
             )
             self.on_table(resolution.table)
         if not self.synced.is_set():
@@ -136,18 +144,20 @@ class ClusterRoutes:
         current = frozenset(resolution.conflicts)
         for conflict in sorted(current - self._conflicts, key=lambda c: (c.kind, c.subject)):
             logger.warning(
-                "route conflict kind=%s subject=%s chosen=%s rejected=%s: %s",
-                conflict.kind,
-                conflict.subject,
-                conflict.chosen,
-                ",".join(conflict.rejected),
+                "route conflict: %s",
                 conflict.message,
+                extra=logs.fields(
+                    kind=conflict.kind,
+                    subject=conflict.subject,
+                    chosen=conflict.chosen,
+                    rejected=",".join(conflict.rejected),
+                ),
             )
             self.metrics.route_conflicts.labels(conflict.kind).inc()
         self._conflicts = current
         for tenant, reason in sorted(resolution.unrouted.items()):
             if self._unrouted.get(tenant) != reason:
-                logger.warning("tenant not routed tenant=%s reason=%r", tenant, reason)
+                logger.warning("tenant not routed", extra=logs.fields(tenant=tenant, reason=reason))
         self._unrouted = dict(resolution.unrouted)
 
 

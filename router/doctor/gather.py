@@ -22,7 +22,12 @@ import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
 from router.cluster import client as kube
-from router.cluster.reads import discover_apiserver_cidrs, list_all, namespace_meta
+from router.cluster.reads import (
+    discover_apiserver_cidrs,
+    list_all,
+    list_tenancy_inputs,
+    namespace_meta,
+)
 from router.core.policy import (
     CILIUM_API,
     KIND_CILIUM,
@@ -35,8 +40,9 @@ from router.core.policy import (
     render,
     tenant_networks,
 )
+from router.core.routes import RouteTable
+from router.core.status import GROUP
 from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve, tenant_of
-from router.doctor.checks import GROUP
 from router.doctor.probes import Network, join_address, probe_serving, split_address
 from router.doctor.snapshot import (
     Cluster,
@@ -50,7 +56,6 @@ from router.doctor.snapshot import (
     Tenancy,
     UpstreamService,
 )
-from router.routes import RouteTable
 from router.settings import TenancySettings
 
 MAX_SERVING_PROBES = 3
@@ -319,18 +324,7 @@ async def _read_tenancy(
     api: ApiClient, settings: TenancySettings, errors: dict[str, str]
 ) -> tuple[Tenancy, RouteTable, list[ServiceInfo], list[dict[str, Any]]]:
     try:
-        ns_query = (
-            [("labelSelector", settings.namespace_selector)] if settings.namespace_selector else []
-        )
-        raw_ns = await list_all(api, kube.resource_path("namespaces"), ns_query)
-        services: list[ServiceInfo] = []
-        if settings.upstream_template is None:
-            raw_svc = await list_all(
-                api,
-                kube.resource_path("services"),
-                [("labelSelector", settings.upstream_service_selector)],
-            )
-            services = [ServiceInfo.from_object(s) for s in raw_svc]
+        raw_ns, services = await list_tenancy_inputs(api, settings)
     except kube.KubeError as exc:
         errors["tenancy"] = f"listing namespaces and Services: {exc}"
         return Tenancy(selector=settings.namespace_selector), RouteTable(), [], []

@@ -21,8 +21,11 @@ import aiohttp
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from router import tlsfiles
-from router.doctor.checks import DOCTOR_GROUP, DOCTOR_USER, GROUP
+from router import tls as tlsfiles
+from router.core.option_values import parse_host_port
+from router.core.routes import RouteTable, Upstream
+from router.core.status import GROUP
+from router.doctor.checks import DOCTOR_GROUP, DOCTOR_USER
 from router.doctor.snapshot import (
     CertInfo,
     Endpoints,
@@ -33,7 +36,6 @@ from router.doctor.snapshot import (
     TrustProbe,
     UpstreamService,
 )
-from router.routes import RouteTable, Upstream
 
 DISCOVERY_PATH = f"/apis/{GROUP}/v1beta1"
 MAX_BODY = 1 << 20
@@ -120,8 +122,11 @@ def _classify(exc: BaseException) -> tuple[FailureKind, str]:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
+    """(host, port) of a HOST:PORT or [IPv6]:PORT the doctor joined (the one HOST:PORT parser)."""
+    parsed = parse_host_port(address)
+    if parsed is None:
+        raise ValueError(f"no address in {address!r}")
+    return parsed
 
 
 def join_address(host: str, port: int) -> str:

@@ -38,9 +38,9 @@ from datetime import UTC, datetime
 
 import httptools
 
+from router.core.routes import Upstream
 from router.http import tls_errors
-from router.http.limits import Limits
-from router.routes import Upstream
+from router.settings.limits import Limits
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 httptools parses; the peer certificate is read once per connection; there is no task or future
 per request, and each answer is written as one buffer. What to answer is the request path's
 business (:class:`Handler`, implemented by router.proxy.Proxy); this module owns the
-connection: TLS, framing, deadlines, flow control and limits (router/http/limits.py).
+connection: TLS, framing, deadlines, flow control and limits (router/settings/limits.py).
 
 A connection, phase by phase (each phase has one deadline, checked by one sweeper task):
 
@@ -46,16 +46,16 @@ from typing import Any, Protocol
 
 import httptools
 
-from router import status
+from router.core import status
 from router.http import tls_errors
-from router.http.limits import (
+from router.metrics import ProxyMetrics
+from router.settings.limits import (
     MAX_HEADER_LINE,
     MAX_PIPELINED,
     MAX_REQUEST_BODY_BYTES,
     MAX_REQUEST_LINE,
     Limits,
 )
-from router.metrics import ProxyMetrics
 
 logger = logging.getLogger(__name__)
 

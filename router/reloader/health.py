@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
+from router.metrics import metrics_handler
 from router.reloader.shell import Reloader
 
 RELOADER_KEY = web.AppKey("reloader", Reloader)
-REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 
 
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response(request.app[RELOADER_KEY].status())
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[REGISTRY_KEY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
 def health_app(reloader: Reloader, registry: CollectorRegistry) -> web.Application:
     """/healthz (200 while the reloader loop serves, with its state) and /metrics."""
     app = web.Application()
     app[RELOADER_KEY] = reloader
-    app[REGISTRY_KEY] = registry
     app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/metrics", metrics_handler(lambda: registry))
     return app
 
 

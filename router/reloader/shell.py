@@ -28,6 +28,8 @@ import signal
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from router import logs
+from router.metrics import ReloaderMetrics
 from router.reloader.decide import (
     Action,
     Event,
@@ -49,7 +51,6 @@ from router.reloader.decide import (
     next_wake,
     watch_namespace_value,
 )
-from router.reloader.metrics import ReloaderMetrics
 from router.settings import ReloaderSettings
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,10 @@ class Reloader:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
-            logger.info("signal sent pid=%d signal=%s", proc.pid, signal.Signals(signum).name)
+            logger.info(
+                "signal sent",
+                extra=logs.fields(pid=proc.pid, signal=signal.Signals(signum).name),
+            )
             self._emit("signal", pid=proc.pid, signal=signum)
 
     def _emit(self, kind: str, **details: Any) -> None:

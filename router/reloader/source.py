@@ -21,6 +21,7 @@ from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
 
+from router import logs
 from router.cluster.informer import Informer
 from router.cluster.retry import Backoff
 from router.core.tenancy import NamespaceInfo, tenant_of
@@ -89,10 +90,12 @@ class NamespaceSource:
             selected = select_namespaces(self.informer.cache.values(), self.tenant, self.tenancy)
             if selected != self.last:
                 logger.info(
-                    "namespaces selected tenant=%s selector=%s namespaces=%s",
-                    self.tenant or "-",
-                    self.tenancy.namespace_selector or "-",
-                    watch_namespace_value(selected) or "<none>",
+                    "namespaces selected",
+                    extra=logs.fields(
+                        tenant=self.tenant or "-",
+                        selector=self.tenancy.namespace_selector or "-",
+                        namespaces=watch_namespace_value(selected) or "<none>",
+                    ),
                 )
             self.last = selected
             self._sink(selected)

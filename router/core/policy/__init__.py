@@ -1,7 +1,7 @@
 """Traffic boundaries: tenants -> NetworkPolicy / CiliumClusterwideNetworkPolicy objects (pure).
 
 A purely computational package: no I/O, no clock, no Kubernetes client. The adapters
-(`router.render` writes files, `router.cluster.policy_loop` applies to a cluster) call it.
+(`router.cli.render` writes files, `router.cluster.policy_loop` applies to a cluster) call it.
 Modules: ``model`` (vocabulary and types), ``config`` (the policy config file and egress
 annotations), ``networks`` (tenants -> TenantNetworks), ``intents`` (the paths, classified),
 ``networkpolicy`` and ``cilium`` (the two renderers, sharing ``metadata``), ``render`` (both,

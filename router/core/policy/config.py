@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from router.core.names import is_dns1123_label, is_dns1123_subdomain
 from router.core.policy.model import (
     ANNOTATION_EGRESS_CIDRS,
     ANNOTATION_EGRESS_FQDNS,
@@ -23,7 +24,6 @@ from router.core.policy.model import (
     PortSpec,
     TenantOverrides,
 )
-from router.names import is_dns1123_label, is_dns1123_subdomain
 
 _LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")  # fullmatch
 _FQDN = re.compile(

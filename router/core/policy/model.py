@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from router.config import ConfigError
-from router.names import is_dns1123_label
+from router.core.errors import ConfigError
+from router.core.names import is_dns1123_label
 
 OWNER_LABEL = "app.kubernetes.io/managed-by"
 OWNER_VALUE = "metrics-router"

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 
 from router.core.policy.config import event_sources_from_annotations, merge_event_sources
 from router.core.policy.model import NamespaceMeta, PolicyConfig, TenantNetwork, TenantOverrides
+from router.core.routes import RouteTable
 from router.core.tenancy import hnc
-from router.routes import RouteTable
 from router.settings import TenancySettings
 
 _SERVICE_HOST = re.compile(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from router.core.names import is_dns1123_label
 from router.core.policy.cilium import to_cilium
 from router.core.policy.intents import classify
 from router.core.policy.metadata import subnet_of
@@ -21,7 +22,6 @@ from router.core.policy.model import (
     tenant_slug,
 )
 from router.core.policy.networkpolicy import to_networkpolicy
-from router.names import is_dns1123_label
 
 # --------------------------------------------------------------------------- rendering
 

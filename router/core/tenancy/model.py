@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from router.options import parse_duration
-from router.routes import RouteTable
+from router.core.option_values import parse_duration
+from router.core.routes import RouteTable
 
 # On a tenant's metrics Service: overrides --serve-stale-for for that tenant ("30s", "0").
 SERVE_STALE_ANNOTATION = "metrics-router.io/serve-stale-for"

@@ -58,6 +58,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
+from router.core.routes import RouteTable, Tenant, Upstream
 from router.core.tenancy import hnc, label, pattern
 from router.core.tenancy.model import (
     Claim,
@@ -67,7 +68,6 @@ from router.core.tenancy.model import (
     ServiceInfo,
 )
 from router.core.tenancy.upstreams import service_upstream, template_upstream
-from router.routes import RouteTable, Tenant, Upstream
 from router.settings import TenancySettings
 
 Strategy = Callable[[NamespaceInfo, Mapping[str, NamespaceInfo], TenancySettings], Claim | None]

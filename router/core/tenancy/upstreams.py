@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from router.core.routes import RoutesError, Upstream
 from router.core.tenancy.model import ServiceInfo
-from router.routes import RoutesError, Upstream
 
 
 def service_upstream(svc: ServiceInfo) -> Upstream | str:

@@ -18,7 +18,6 @@ from router.doctor.checks.boundaries import check_keda, check_traffic, contains,
 from router.doctor.checks.results import (
     DOCTOR_GROUP,
     DOCTOR_USER,
-    GROUP,
     SECTIONS,
     CheckResult,
     Status,
@@ -31,7 +30,6 @@ from router.doctor.snapshot import Snapshot
 __all__ = [
     "DOCTOR_GROUP",
     "DOCTOR_USER",
-    "GROUP",
     "SECTIONS",
     "CheckResult",
     "Status",

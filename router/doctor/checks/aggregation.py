@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from router.core.status import GROUP
 from router.doctor.checks.results import (
-    GROUP,
     CheckResult,
     fail,
     field_at,

@@ -11,12 +11,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from router.core.option_values import format_duration
 from router.doctor.snapshot import CertInfo, Cluster, Obj, Snapshot
-from router.options import format_duration
 
 Status = Literal["ok", "fail", "skipped"]
 
-GROUP = "external.metrics.k8s.io"
 DOCTOR_USER = "metrics-router:doctor"
 DOCTOR_GROUP = "system:authenticated"
 KEDA_OPERATOR = "keda-operator"

@@ -17,20 +17,23 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from router.version import version
+from router.core.version import version
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("router.serve", "run the router: the external.metrics.k8s.io APIService backend"),
-    "certs": ("router.certs_cli", "development PKI: CAs, serving and client certificates"),
-    "render": ("router.render", "render manifests (NetworkPolicies, APIService) for the tenants"),
+    "serve": ("router.cli.serve", "run the router: the external.metrics.k8s.io APIService backend"),
+    "certs": ("router.cli.certs", "development PKI: CAs, serving and client certificates"),
+    "render": (
+        "router.cli.render",
+        "render manifests (NetworkPolicies, APIService) for the tenants",
+    ),
     "reloader": (
-        "router.reloader_cli",
+        "router.cli.reloader",
         "run a tenant's KEDA operator, restarting it on namespace changes",
     ),
-    "demo": ("router.demo", "the whole request path on this machine, no cluster needed"),
-    "doctor": ("router.doctor.command", "check a live installation end to end; a fix per fault"),
-    "version": ("router.cli", "print the version"),
+    "demo": ("router.devtools.demo", "the whole request path on this machine, no cluster needed"),
+    "doctor": ("router.cli.doctor", "check a live installation end to end; a fix per fault"),
+    "version": ("router.cli.version", "print the version"),
 }
 
 
@@ -66,15 +69,6 @@ class Parser(argparse.ArgumentParser):
             usage = f"usage: {self.prog} [flags]\n"
         sys.stderr.write(usage)
         self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for every flag.\n")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`metrics-router version` takes no flags."""
-
-
-def run(args: argparse.Namespace) -> int:
-    print(f"metrics-router {version()}")
-    return 0
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from router.options import format_duration
-from router.routes import RouteTable, Tenant
-from router.stale import TenantView
+from router.core.option_values import format_duration
+from router.core.routes import RouteTable, Tenant
+from router.core.stale import TenantView
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,8 @@ from pathlib import Path
 import aiohttp
 from multidict import CIMultiDict
 
-from router.certs import Pki, generate_pki
-from router.keda_stub import KedaStub
+from router.devtools.keda_stub import KedaStub
+from router.devtools.pki import Pki, generate_pki
 
 HPA_USER = "system:serviceaccount:kube-system:horizontal-pod-autoscaler"
 HPA_GROUPS = ("system:serviceaccounts", "system:authenticated")

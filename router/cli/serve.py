@@ -1,9 +1,10 @@
 """`metrics-router serve`: parse options, build the Router, run until SIGTERM.
 
-``--workers N`` (N > 1) makes this process a small supervisor: it forks N workers before any
-event loop exists; each binds the secure port with SO_REUSEPORT (the kernel spreads
-connections across them) and keeps its own upstream pools and TLS contexts. Worker 0 alone
-serves the metrics port, where Prometheus' multiprocess mode sums the counters of all workers.
+``--workers N`` (N > 1) makes this process a small supervisor: it starts N worker processes
+(spawned: fresh interpreters, see ``supervise``) before any event loop exists; each binds the
+secure port with SO_REUSEPORT (the kernel spreads connections across them) and keeps its own
+upstream pools and TLS contexts. Worker 0 alone serves the metrics port, where Prometheus'
+multiprocess mode sums the counters of all workers.
 SIGTERM/SIGINT are forwarded to the workers; if one dies, the others are stopped and the
 supervisor exits with its code, so the pod restarts whole.
 """
@@ -31,13 +32,16 @@ from prometheus_client import CollectorRegistry
 
 from router import logs
 from router.app import Router, StartupError
-from router.config import ConfigError, ServeConfig, add_serve_arguments, serve_config_from_args
+from router.cli import logs as cli_logs
+from router.cli.options import add_serve_arguments, serve_config_from_args
+from router.core.errors import ConfigError
+from router.settings.serve import ServeConfig
 
-logger = logging.getLogger("router.serve")
+logger = logging.getLogger("router.cli.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from router.cluster.policy_options import add_policy_arguments
+    from router.cli.policy_options import add_policy_arguments
 
     add_serve_arguments(parser)
     add_policy_arguments(parser)
@@ -80,7 +84,7 @@ async def serve(
 
 
 def run(args: argparse.Namespace) -> int:
-    from router.cluster.policy_options import policy_settings_from_args
+    from router.cli.policy_options import policy_settings_from_args
 
     errors: list[str] = []
     try:
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         for error in errors:
             print(f"metrics-router serve: error: {error}", file=sys.stderr)
         return 2  # a usage error, as argparse's own
-    logs.setup(config.log_level, config.log_format)
+    cli_logs.setup(config.log_level, config.log_format)
     if config.workers > 1:
         problem = port_held_by_another_process(config.bind_address, config.secure_port)
         if problem is not None:
@@ -133,12 +137,11 @@ def port_held_by_another_process(host: str, port: int) -> str | None:
 
 
 def _worker(config: ServeConfig, index: int, multiproc_dir: str) -> None:
-    import prometheus_client.values
     from prometheus_client import multiprocess
 
-    # Metrics created from here on write to per-process files the metrics port aggregates.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
-    prometheus_client.values.ValueClass = prometheus_client.values.get_value_class()  # type: ignore[no-untyped-call]
+    # A spawned process: PROMETHEUS_MULTIPROC_DIR came with the environment, so every metric
+    # writes to per-process files the metrics port aggregates. Logging is set up afresh.
+    cli_logs.setup(config.log_level, config.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards one SIGTERM
     metrics_view: Callable[[], CollectorRegistry] | None = None
     if index == 0:
@@ -161,7 +164,12 @@ def supervise(config: ServeConfig) -> int:
     from prometheus_client import multiprocess
 
     multiproc_dir = tempfile.mkdtemp(prefix="metrics-router-prom-")
-    ctx = multiprocessing.get_context("fork")
+    # prometheus_client's documented multiprocess setup: PROMETHEUS_MULTIPROC_DIR is in the
+    # environment before a process that creates metrics imports prometheus_client. This process
+    # has imported it already, so the workers are spawned (fresh interpreters that inherit the
+    # environment), not forked. The supervisor itself creates no metric.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    ctx = multiprocessing.get_context("spawn")
     workers = [
         ctx.Process(target=_worker, args=(config, i, multiproc_dir), name=f"worker-{i}")
         for i in range(config.workers)

@@ -8,100 +8,69 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from router import logs
-from router.http.limits import Limits
-from router.options import byte_size, duration, format_duration, parse_host_port
-from router.settings import DEFAULT_TENANT_PATTERN, DEFAULT_UPSTREAM_SERVICE_SELECTOR, STRATEGIES
-from router.settings import TenancySettings as TenancySettings
+from router.core.errors import ConfigError
+from router.core.option_values import (
+    format_duration,
+    parse_byte_size,
+    parse_duration,
+    parse_host_port,
+)
+from router.settings import (
+    DEFAULT_TENANT_PATTERN,
+    DEFAULT_UPSTREAM_SERVICE_SELECTOR,
+    STRATEGIES,
+    TenancySettings,
+)
+from router.settings.limits import Limits
+from router.settings.serve import (
+    DEFAULT_EXTRA_PREFIXES,
+    DEFAULT_GROUP_HEADERS,
+    DEFAULT_STALE_MAX_BYTES,
+    DEFAULT_STALE_MAX_ENTRIES_PER_TENANT,
+    DEFAULT_UID_HEADERS,
+    DEFAULT_USERNAME_HEADERS,
+    RequestHeaderSettings,
+    ServeConfig,
+    StaleSettings,
+)
 
-DEFAULT_USERNAME_HEADERS = ("X-Remote-User",)
-DEFAULT_UID_HEADERS = ("X-Remote-Uid",)
-DEFAULT_GROUP_HEADERS = ("X-Remote-Group",)
-DEFAULT_EXTRA_PREFIXES = ("X-Remote-Extra-",)
 DEFAULT_UPSTREAM_TEMPLATE_EXAMPLE = "https://keda-operator-metrics-apiserver.{tenant}--sys.svc:443"
 DEFAULT_TENANT_ROOT_LABEL = "tenancy.metrics-router.io/root=true"
-DEFAULT_STALE_MAX_ENTRIES_PER_TENANT = 1000
-DEFAULT_STALE_MAX_BYTES = 32 * 1024 * 1024
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+T = TypeVar("T")
 
 
-class ConfigError(Exception):
-    """Invalid options; ``errors`` holds every problem found, one message each."""
+def _argparse_type(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
+    """An argparse ``type=``: the parser's ValueError becomes argparse's one-line error."""
 
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("; ".join(errors))
-        self.errors = errors
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-
-@dataclass(frozen=True, slots=True)
-class RequestHeaderSettings:
-    """How the aggregator's identity is authenticated and which headers carry it.
-
-    Mirrors kube-apiserver's --requestheader-* flags and the keys of the
-    kube-system/extension-apiserver-authentication ConfigMap.
-    """
-
-    client_ca_file: Path | None = None
-    client_ca_pem: bytes | None = None  # set when the CA comes from the ConfigMap
-    allowed_names: tuple[str, ...] = ()
-    username_headers: tuple[str, ...] = DEFAULT_USERNAME_HEADERS
-    uid_headers: tuple[str, ...] = DEFAULT_UID_HEADERS
-    group_headers: tuple[str, ...] = DEFAULT_GROUP_HEADERS
-    extra_headers_prefixes: tuple[str, ...] = DEFAULT_EXTRA_PREFIXES
+    convert.__name__ = name  # argparse names the type in its message
+    return convert
 
 
-@dataclass(frozen=True, slots=True)
-class StaleSettings:
-    """Last-known-good answers while a tenant's metrics server fails (router/stale.py).
-
-    ``serve_stale_for`` is the default for every tenant (0 = off); a tenant's routes-file entry
-    or its metrics Service annotation overrides it. The caps bound the memory held."""
-
-    serve_stale_for: float = 0.0
-    max_entries_per_tenant: int = DEFAULT_STALE_MAX_ENTRIES_PER_TENANT
-    max_bytes: int = DEFAULT_STALE_MAX_BYTES
+duration = _argparse_type(parse_duration, "duration")
+byte_size = _argparse_type(parse_byte_size, "size")
 
 
-@dataclass(frozen=True, slots=True)
-class ServeConfig:
-    secure_port: int
-    bind_address: str
-    tls_cert_file: Path
-    tls_private_key_file: Path
-    requestheader: RequestHeaderSettings
-    # True when any --requestheader-* flag was given: then the ConfigMap is not consulted.
-    requestheader_from_flags: bool
-    proxy_client_cert_file: Path
-    proxy_client_key_file: Path
-    upstream_ca_file: Path | None
-    upstream_timeout: float
-    upstream_connect_timeout: float
-    routes_file: Path | None
-    kubeconfig: Path | None
-    default_upstream: str | None
-    default_upstream_server_name: str | None
-    metrics_bind_address: str | None  # None = disabled ("0")
-    max_inflight_per_tenant: int
-    max_idle_connections_per_upstream: int
-    shutdown_grace_period: float
-    file_check_interval: float
-    workers: int
-    log_format: str
-    log_level: str
-    tenancy: TenancySettings = field(default_factory=TenancySettings)
-    stale: StaleSettings = field(default_factory=StaleSettings)
-    # SIGTERM: /readyz fails at once, the listener keeps serving this long, then drains.
-    shutdown_delay_duration: float = 0.0
-    # A certificate expiring within this time logs a warning and sets a metric.
-    certificate_expiry_warning: float = 7 * 24 * 3600.0
-    limits: Limits = field(default_factory=Limits)
-
-    @property
-    def uses_cluster(self) -> bool:
-        """Routes come from the cluster (kubeconfig or in-cluster) unless a routes file is set."""
-        return self.routes_file is None
+def add_log_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The log flags every long-running subcommand shares."""
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text (key=value) or json"
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="lowest level logged"
+    )
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -316,11 +285,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a certificate expiring within this time logs a warning and sets "
         "metrics_router_certificate_expiring_soon",
     )
-    logs.add_log_arguments(g)
+    add_log_arguments(g)
 
 
 def add_limits_arguments(parser: argparse.ArgumentParser) -> None:
-    """Bounds of the data path (router/http/limits.py), named as Go's net/http names them."""
+    """Bounds of the data path (router/settings/limits.py), named as Go's net/http names them."""
     d = Limits()
     g = parser.add_argument_group(
         "limits of the secure port and the upstream client (durations: 500ms, 10s, 1m30s; "
@@ -434,6 +403,29 @@ def _host_port(value: str, flag: str, errors: list[str]) -> str | None:
     return None if parsed is None else value
 
 
+def requestheader_from_args(args: argparse.Namespace) -> tuple[RequestHeaderSettings, bool]:
+    """The --requestheader-* flags as settings (defaults for those not given), and whether any
+    was given: then the extension-apiserver-authentication ConfigMap is not consulted."""
+    given = (
+        args.requestheader_client_ca_file,
+        args.requestheader_allowed_names,
+        args.requestheader_username_headers,
+        args.requestheader_uid_headers,
+        args.requestheader_group_headers,
+        args.requestheader_extra_headers_prefix,
+    )
+    settings = RequestHeaderSettings(
+        client_ca_file=args.requestheader_client_ca_file,
+        allowed_names=_csv(args.requestheader_allowed_names),
+        username_headers=_csv(args.requestheader_username_headers) or DEFAULT_USERNAME_HEADERS,
+        uid_headers=_csv(args.requestheader_uid_headers) or DEFAULT_UID_HEADERS,
+        group_headers=_csv(args.requestheader_group_headers) or DEFAULT_GROUP_HEADERS,
+        extra_headers_prefixes=_csv(args.requestheader_extra_headers_prefix)
+        or DEFAULT_EXTRA_PREFIXES,
+    )
+    return settings, any(v is not None for v in given)
+
+
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     """Validate and complete `serve` options; raise ConfigError listing every problem."""
     errors: list[str] = []
@@ -473,15 +465,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.default_upstream is not None and not args.default_upstream.startswith("https://"):
         errors.append("--default-upstream: must be an https:// URL")
 
-    header_flags = (
-        args.requestheader_client_ca_file,
-        args.requestheader_allowed_names,
-        args.requestheader_username_headers,
-        args.requestheader_uid_headers,
-        args.requestheader_group_headers,
-        args.requestheader_extra_headers_prefix,
-    )
-    from_flags = any(v is not None for v in header_flags)
+    requestheader, from_flags = requestheader_from_args(args)
     if args.requestheader_client_ca_file is not None:
         _need_file(errors, "--requestheader-client-ca-file", args.requestheader_client_ca_file)
     elif args.routes_file is not None:
@@ -491,15 +475,6 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         )
     elif from_flags:
         errors.append("--requestheader-client-ca-file is required with other --requestheader-*")
-    requestheader = RequestHeaderSettings(
-        client_ca_file=args.requestheader_client_ca_file,
-        allowed_names=_csv(args.requestheader_allowed_names),
-        username_headers=_csv(args.requestheader_username_headers) or DEFAULT_USERNAME_HEADERS,
-        uid_headers=_csv(args.requestheader_uid_headers) or DEFAULT_UID_HEADERS,
-        group_headers=_csv(args.requestheader_group_headers) or DEFAULT_GROUP_HEADERS,
-        extra_headers_prefixes=_csv(args.requestheader_extra_headers_prefix)
-        or DEFAULT_EXTRA_PREFIXES,
-    )
     tenancy = tenancy_from_args(args, errors)
     limits = limits_from_args(args, errors)
     metrics = _host_port(args.metrics_bind_address, "--metrics-bind-address", errors)

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from router import status
-from router.names import is_dns1123_label
+from router.core import status
+from router.core.names import is_dns1123_label
 
 PREFIX = f"/apis/{status.GROUP}/{status.VERSION}"
 _NS_PREFIX = PREFIX + "/namespaces/"

@@ -7,9 +7,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from router.cli.options import tenancy_from_args
 from router.cluster.lease import default_identity
 from router.cluster.policy_loop import PolicySyncSettings
-from router.config import TenancySettings, tenancy_from_args
+from router.core.option_values import parse_duration
 from router.core.policy import (
     KIND_NETWORKPOLICY,
     KINDS,
@@ -17,8 +18,7 @@ from router.core.policy import (
     PolicyConfig,
     parse_policy_config,
 )
-from router.options import parse_duration
-from router.settings import LeaderElectionSettings
+from router.settings import LeaderElectionSettings, TenancySettings
 
 logger = logging.getLogger(__name__)
 

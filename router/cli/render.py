@@ -38,8 +38,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from router import apiservice as apiservice_mod
-from router.config import ConfigError, TenancySettings, add_tenancy_arguments, tenancy_from_args
+from router.cli.options import add_tenancy_arguments, tenancy_from_args
+from router.core import apiservice as apiservice_mod
+from router.core.errors import ConfigError
 from router.core.policy import (
     KIND_CILIUM,
     KIND_NETWORKPOLICY,
@@ -54,7 +55,8 @@ from router.core.policy import (
     tenant_networks,
     to_yaml,
 )
-from router.routes import RoutesError, RouteTable, parse_routes_file
+from router.core.routes import RoutesError, RouteTable, parse_routes_file
+from router.settings import TenancySettings
 
 logger = logging.getLogger(__name__)
 

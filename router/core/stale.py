@@ -34,9 +34,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.config import StaleSettings
-from router.options import format_duration
-from router.routes import DEFAULT_TENANT, RouteTable
+from router.core.option_values import format_duration
+from router.core.routes import DEFAULT_TENANT, RouteTable
+from router.settings.serve import StaleSettings
 
 Key = tuple[
     bytes,  # the request target, path and query as received

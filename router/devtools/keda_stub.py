@@ -12,7 +12,8 @@ is recorded as a :class:`SeenRequest` in ``stub.seen``; ``await stub.wait_for_re
 waits for them without sleeping. ``stub.behaviour`` (:class:`StubBehaviour`) switches faults at
 run time: delay, hang, fail_status, drop, content_type/body override.
 
-Standalone: ``python -m router.keda_stub --tenant tenant-a --cert F --key F --client-ca F --port N``
+Standalone: ``python -m router.devtools.keda_stub --tenant tenant-a --cert F --key F
+--client-ca F --port N``
 prints ``listening on https://HOST:PORT`` once it accepts connections.
 """
 
@@ -37,8 +38,12 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
+from router import logs
+
 logger = logging.getLogger(__name__)
 
+# The stub stands in for another server (KEDA's metrics apiserver), so it names the API group
+# itself rather than importing the router's router.core.status: it must not change if ours does.
 GROUP = "external.metrics.k8s.io"
 VERSION = "v1beta1"
 GROUP_VERSION = f"{GROUP}/{VERSION}"
@@ -260,7 +265,7 @@ class KedaStub:
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         self.host = host
-        logger.info("keda stub started tenant=%s url=%s", self.tenant, self.url)
+        logger.info("keda stub started", extra=logs.fields(tenant=self.tenant, url=self.url))
         return self.port
 
     @property
@@ -276,7 +281,7 @@ class KedaStub:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-            logger.info("keda stub stopped tenant=%s", self.tenant)
+            logger.info("keda stub stopped", extra=logs.fields(tenant=self.tenant))
 
     async def __aenter__(self) -> KedaStub:
         if self._runner is None:
@@ -406,7 +411,7 @@ async def serve_forever(stub: KedaStub, host: str = "127.0.0.1", port: int = 0) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m router.keda_stub",
+        prog="python -m router.devtools.keda_stub",
         description="A stand-in for a tenant's KEDA metrics server (mTLS, X-Remote-* identity).",
     )
     parser.add_argument("--tenant", required=True)

@@ -1,18 +1,13 @@
 """Option value syntaxes shared by every subcommand: durations, HOST:PORT, byte sizes.
 
 Pure (standard library only). Each parser raises ``ValueError`` with a message that names the
-syntax it wants; ``duration``, ``byte_size`` and ``host_port`` wrap them as argparse types.
+syntax it wants; router.cli.options wraps them as argparse types (``duration``, ``byte_size``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-from collections.abc import Callable
-from typing import TypeVar
-
-T = TypeVar("T")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -102,20 +97,3 @@ def parse_host_port(text: str) -> tuple[str, int] | None:
     if ":" in host and not value.startswith("["):
         raise ValueError(f"invalid address {text!r}: write an IPv6 host in brackets, [::1]:PORT")
     return host, int(port)
-
-
-def _argparse_type(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
-    """An argparse ``type=``: the parser's ValueError becomes argparse's one-line error."""
-
-    def convert(text: str) -> T:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = name  # argparse names the type in its message
-    return convert
-
-
-duration = _argparse_type(parse_duration, "duration")
-byte_size = _argparse_type(parse_byte_size, "size")

@@ -1,4 +1,4 @@
-"""`metrics-router certs init`: write a development PKI (see router.certs for the files)."""
+"""`metrics-router certs init`: write a development PKI (see router.devtools.pki for the files)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from router import certs
+from router.devtools import pki as certs
 
 
 def _tenant_list(value: str) -> list[str]:

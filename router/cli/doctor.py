@@ -24,27 +24,24 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
-from router import tlsfiles
-from router.config import (
-    DEFAULT_EXTRA_PREFIXES,
-    DEFAULT_GROUP_HEADERS,
-    DEFAULT_USERNAME_HEADERS,
+from router import tls as tlsfiles
+from router.cli.options import (
     add_serve_arguments,
+    duration,
+    requestheader_from_args,
     tenancy_from_args,
 )
-from router.doctor import checks, gather, probes, report
-from router.doctor.snapshot import RequestHeader, RouterState, RoutesFile, Snapshot
-from router.options import duration, parse_host_port
-from router.routes import RoutesError, parse_routes_file
+from router.core.option_values import parse_host_port
+from router.doctor import checks, collect, gather, probes, report
+from router.doctor.snapshot import RequestHeader
 
 NETWORK_MODES = ("auto", "direct", "try", "none")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from router.cluster.policy_options import add_policy_arguments
+    from router.cli.policy_options import add_policy_arguments
 
     add_serve_arguments(parser)
     add_policy_arguments(parser)
@@ -94,10 +91,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="certificates expiring sooner fail (default 168h)",
     )
     g.add_argument("-o", "--output", choices=("text", "json"), default="text", help="report format")
-
-
-def _csv(value: str | None) -> tuple[str, ...]:
-    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
 
 
 def merge_process_args(
@@ -183,21 +176,14 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, tlsfiles.TLSFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    header_flags = (
-        args.requestheader_client_ca_file,
-        args.requestheader_allowed_names,
-        args.requestheader_username_headers,
-        args.requestheader_group_headers,
-        args.requestheader_extra_headers_prefix,
-    )
+    header, from_flags = requestheader_from_args(args)
     requestheader = RequestHeader(
-        from_flags=any(v is not None for v in header_flags),
+        from_flags=from_flags,
         client_ca_pem=data.get("rh-ca"),
-        allowed_names=_csv(args.requestheader_allowed_names),
-        username_headers=_csv(args.requestheader_username_headers) or DEFAULT_USERNAME_HEADERS,
-        group_headers=_csv(args.requestheader_group_headers) or DEFAULT_GROUP_HEADERS,
-        extra_headers_prefixes=_csv(args.requestheader_extra_headers_prefix)
-        or DEFAULT_EXTRA_PREFIXES,
+        allowed_names=header.allowed_names,
+        username_headers=header.username_headers,
+        group_headers=header.group_headers,
+        extra_headers_prefixes=header.extra_headers_prefixes,
     )
     mode = args.network
     if mode == "auto":
@@ -222,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         policy_config=policy_config,
     )
     snapshot = asyncio.run(
-        collect(
+        collect.collect(
             args.routes_file,
             args.kubeconfig,
             inputs,
@@ -237,50 +223,3 @@ def run(args: argparse.Namespace) -> int:
     out = report.to_json(results) if args.output == "json" else report.text(results)
     sys.stdout.write(out)
     return checks.exit_code(results)
-
-
-async def collect(
-    routes_file: Path | None,
-    kubeconfig: Path | None,
-    inputs: gather.ClusterInputs,
-    tls: probes.ClientTLS,
-    network: probes.Network,
-    metrics_url: str | None,
-    *,
-    router_cn: str,
-    expiry_warning: float,
-) -> Snapshot:
-    """Gather the whole snapshot (routes-file mode or cluster mode)."""
-    if metrics_url is not None:
-        router = await probes.read_router(metrics_url, network.timeout)
-    else:
-        router = RouterState(
-            "",
-            skipped="no --metrics-url (kubectl -n metrics-router port-forward "
-            "svc/metrics-router 9090, then --metrics-url http://127.0.0.1:9090)",
-        )
-    snapshot = Snapshot(
-        now=probes.now(), router_cn=router_cn, router=router, expiry_warning=expiry_warning
-    )
-    if routes_file is not None:
-        try:
-            text = await asyncio.to_thread(Path(routes_file).read_text)
-            table = parse_routes_file(text)
-        except (OSError, RoutesError) as exc:
-            return replace(
-                snapshot,
-                routes_file=RoutesFile(str(routes_file), error=str(exc)),
-                trust_skipped="the routes file could not be read",
-            )
-        trust = await probes.probe_tenants(table, tls, network)
-        tenants = {t.name: t.namespaces for t in table.tenants}
-        return replace(snapshot, routes_file=RoutesFile(str(routes_file), tenants), trust=trust)
-    got = await gather.read(kubeconfig, inputs, network, router_via_api=router.skipped is not None)
-    if got.cluster is None:
-        return replace(snapshot, cluster_error=got.error, trust_skipped="no cluster")
-    if got.router is not None:
-        snapshot = replace(snapshot, router=got.router)
-    trust = await probes.probe_tenants(
-        got.table, tls, network, got.cluster.endpoints, got.cluster.tenancy.upstreams
-    )
-    return replace(snapshot, cluster=got.cluster, trust=trust)

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from router.names import is_dns1123_label
-from router.status import GROUP, VERSION
+from router.core.names import is_dns1123_label
+from router.core.status import GROUP, VERSION
 
 NAME = f"{VERSION}.{GROUP}"
 GROUP_PRIORITY_MINIMUM = 100

@@ -15,8 +15,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from router.names import is_dns1123_label, is_dns1123_subdomain
-from router.options import parse_duration
+from router.core.errors import ConfigError
+from router.core.names import is_dns1123_label, is_dns1123_subdomain
+from router.core.option_values import parse_duration
 
 # libyaml's loader when PyYAML was built with it: the pure-Python one takes most of the load
 # time of a 10,000-namespace routes file.
@@ -52,12 +53,8 @@ class _SafeLoader(_BaseSafeLoader):  # type: ignore[misc, valid-type]
         return mapping
 
 
-class RoutesError(ValueError):
+class RoutesError(ConfigError, ValueError):
     """A routes document or tenant set that cannot be turned into a RouteTable."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("; ".join(errors))
-        self.errors = errors
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,14 +25,16 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from router import logs
+from router.cli import logs as cli_logs
+from router.cli.options import add_log_arguments, add_tenancy_arguments, tenancy_from_args
 from router.cluster.client import KubeConfigError, api_client
-from router.config import TenancySettings, add_tenancy_arguments, tenancy_from_args
-from router.options import parse_duration, parse_host_port
+from router.core.option_values import parse_duration, parse_host_port
+from router.metrics import ReloaderMetrics
+from router.reloader.decide import REASONS
 from router.reloader.health import start_health_server
-from router.reloader.metrics import ReloaderMetrics
 from router.reloader.shell import Reloader
 from router.reloader.source import NamespaceSource
-from router.settings import ReloaderSettings
+from router.settings import ReloaderSettings, TenancySettings
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="0.0.0.0:8090",
         help="HOST:PORT for /healthz and /metrics; '0' disables",
     )
-    logs.add_log_arguments(g)
+    add_log_arguments(g)
     parser.add_argument(
         "command", nargs="*", metavar="COMMAND", help="the operator command line, after '--'"
     )
@@ -187,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         for error in errors:
             print(f"metrics-router reloader: error: {error}", file=sys.stderr)
         return 2
-    logs.setup(config.log_level, config.log_format)
+    cli_logs.setup(config.log_level, config.log_format)
     return asyncio.run(main(config))
 
 
@@ -201,7 +203,7 @@ async def main(config: ReloaderConfig) -> int:
         logger.error("cannot load Kubernetes client configuration: %s: %s", type(exc).__name__, exc)
         return 1
     registry = CollectorRegistry()
-    reloader = Reloader(config.settings, ReloaderMetrics(registry))
+    reloader = Reloader(config.settings, ReloaderMetrics(registry, REASONS))
     source = NamespaceSource(api, reloader.update, tenant=config.tenant, tenancy=config.tenancy)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
