@@ -22,9 +22,9 @@ from router.certs import Pki
 from router.cluster import client as kube
 from router.keda_stub import KedaStub
 from router.version import version
+from tests.cli.test_serve_cli import _read_until, base_args, make_stub, run_cli, running_router
 from tests.conftest import HPA_IDENTITY, RawConnection, client_ssl_context, metric_path, routes_yaml
 from tests.fakeapi import FakeKube
-from tests.test_serve_cli import _read_until, base_args, make_stub, run_cli, running_router
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 

@@ -12,8 +12,8 @@ import yaml
 
 from router.certs import make_ca
 from router.cli import main
+from tests.core.policy.test_manifests import talk_tree
 from tests.fakeapi import FakeKube
-from tests.test_manifests import talk_tree
 
 ROUTES = """
 tenants:

@@ -35,8 +35,8 @@ from router.core.policy import (
 from router.core.tenancy import NamespaceInfo, Resolution, resolve
 from router.settings import LeaderElectionSettings
 from tests.conftest import wait_until as poll_until
+from tests.core.policy.test_manifests import talk_tree
 from tests.fakeapi import FakeKube
-from tests.test_manifests import talk_tree
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 

@@ -1,7 +1,7 @@
 """deploy/: every manifest valid, the kustomizations rendered, and the pieces agreeing.
 
 Core kinds are validated with kubernetes-validate (Kubernetes 1.32, strict); cert-manager,
-Prometheus Operator, Cilium, KEDA and HNC kinds against the schemas shipped in tests/schemas
+Prometheus Operator, Cilium, KEDA and HNC kinds against the schemas shipped in tests/deploy/schemas
 (see its README for their sources and licences).
 Kustomizations are rendered with `kubectl kustomize` (kustomize built into kubectl); the tenant
 KEDA overlay runs through deploy/keda/post-render on a stand-in for the chart's output.
@@ -28,10 +28,11 @@ import yaml
 
 from router import certs, config
 from router.apiservice import apiservice
+from tests.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 DEPLOY = ROOT / "deploy"
-SCHEMAS = ROOT / "tests" / "schemas"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
 K8S_VERSION = "1.32"
 KUBECTL = shutil.which("kubectl")
 

@@ -26,7 +26,7 @@ from tests.conftest import (
     metric_path,
 )
 from tests.fakeapi import FakeKube, Signal, running
-from tests.test_stale import parse_warning_header
+from tests.proxy.test_stale import parse_warning_header
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 

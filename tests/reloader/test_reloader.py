@@ -1,4 +1,4 @@
-"""The namespace reloader with real child processes (tests/reloader_child.py).
+"""The namespace reloader with real child processes (tests/reloader/reloader_child.py).
 
 Children report what they see (WATCH_NAMESPACE, signals) as JSON lines to a TCP listener in the
 test; the reloader reports what it does through its event hook. Tests wait on those, never on
@@ -37,6 +37,7 @@ from router.reloader_cli import config_from_args, parse_duration
 from router.reloader_cli import main as reloader_main
 from router.settings import ReloaderSettings
 from tests.fakeapi import FakeKube
+from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 
@@ -740,7 +741,7 @@ async def test_command_line_end_to_end(reports: Reports, cluster: Cluster) -> No
 
 def test_the_deploy_overlay_command_line_is_valid() -> None:
     """The flags deploy/ gives the reloader in the per-tenant KEDA overlay parse and validate."""
-    overlay = Path(__file__).parents[1] / "deploy/keda/tenants/tenant-a/kustomization.yaml"
+    overlay = REPO_ROOT / "deploy/keda/tenants/tenant-a/kustomization.yaml"
     doc = yaml.safe_load(overlay.read_text())
     patch = yaml.safe_load(doc["patches"][0]["patch"])
     command = next(op["value"] for op in patch if op["path"].endswith("/command"))

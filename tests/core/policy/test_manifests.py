@@ -60,8 +60,9 @@ from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve
 from router.names import is_dns1123_label, is_dns1123_subdomain
 from router.render import output_files, write_output_dir
 from router.routes import RouteTable, parse_routes_file
+from tests.paths import REPO_ROOT
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+SCHEMAS = REPO_ROOT.parent / "shared" / "schemas"
 CILIUM_SCHEMA = SCHEMAS / "cilium.io" / "ciliumclusterwidenetworkpolicy_v2.json"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 K8S_VERSION = "1.30"
@@ -598,7 +599,7 @@ def test_every_object_is_owned_labelled_and_validly_named(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_golden_files_for_the_talk_tree(kind: str) -> None:
-    """UPDATE_GOLDEN=1 rewrites tests/golden/<kind>/ from the current renderer."""
+    """UPDATE_GOLDEN=1 rewrites tests/core/policy/golden/<kind>/ from the current renderer."""
     manifests = render(talk_networks(), parse_policy_config(TALK_CONFIG).settings, kind).manifests
     directory = GOLDEN / kind
     if os.environ.get("UPDATE_GOLDEN") == "1":

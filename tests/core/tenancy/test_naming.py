@@ -5,7 +5,6 @@ agree, so TLS names match and namespaces resolve to the tenant the certificates 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import yaml
 
@@ -13,8 +12,9 @@ from router import certs, config, demo
 from router.config import TenancySettings
 from router.core.tenancy import NamespaceInfo, resolve, tenant_of
 from router.routes import parse_routes_file
+from tests.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 PATTERN = TenancySettings(strategies=("pattern",))
 
 
