@@ -293,7 +293,7 @@ async def test_reads_root_annotations_when_given_namespace_infos(tmp_path: Path)
 
 async def wait_until(predicate: Callable[[], bool], fake: FakeKube, within: float = 5.0) -> None:
     """Re-check after every API request (the fake's request signal), no sleeping."""
-    await fake._changed.wait_for(predicate, within)
+    await fake.wait_changed(predicate, within)
 
 
 async def test_only_the_leader_writes_and_hands_over_on_release(tmp_path: Path) -> None:
