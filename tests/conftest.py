@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from router.app import Router
 from router.certs import Pki, generate_pki
 from router.cluster import client as kube
-from router.config import add_serve_arguments, serve_config_from_args
+from router.config import ServeConfig, add_serve_arguments, serve_config_from_args
 from router.keda_stub import KedaStub
 from tests.fakeapi import FakeKube
 
@@ -352,6 +352,35 @@ def parse_serve_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+def serve_config(argv: Sequence[str]) -> ServeConfig:
+    """The Router's configuration from `metrics-router serve` flags, through the real parser."""
+    return serve_config_from_args(parse_serve_args(argv))
+
+
+async def started_router(config: ServeConfig) -> Router:
+    """A started Router (stopped again when it fails half-way through starting)."""
+    router = Router(config)
+    try:
+        await router.start()
+    except BaseException:
+        await router.stop()
+        raise
+    return router
+
+
+def proxy_client_files(pki: Pki, directory: Path) -> tuple[Path, Path]:
+    """A private copy of the router's client certificate and key, for tests that rotate or
+    break them (the session PKI is read-only)."""
+    cert = copy_file(pki.router_client_cert, directory / "client.crt")
+    key = copy_file(pki.router_client_key, directory / "client.key")
+    return cert, key
+
+
+def proxy_client_args(cert: Path, key: Path) -> list[str]:
+    """`serve` flags for the router's client certificate and key."""
+    return ["--proxy-client-cert-file", str(cert), "--proxy-client-key-file", str(key)]
+
+
 @dataclass
 class RouterHarness:
     router: Router
@@ -474,13 +503,7 @@ async def start_router(pki: Pki, tmp_path: Path) -> AsyncIterator[StartRouter]:
         if routes is None:
             routes = {t: (ns, stubs[t].url, None) for t, ns in tenants.items()}
         routes_file.write_text(routes_yaml(routes))
-        config = serve_config_from_args(parse_serve_args(serve_args(pki, routes_file, extra_args)))
-        router = Router(config)
-        try:
-            await router.start()
-        except BaseException:
-            await router.stop()
-            raise
+        router = await started_router(serve_config(serve_args(pki, routes_file, extra_args)))
         harness = RouterHarness(router, stubs, routes_file, pki, directory)
         harnesses.append(harness)
         return harness
@@ -525,6 +548,16 @@ UpstreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitab
 class RawUpstream:
     url: str
     heads: list[bytes]  # every request head received, as bytes
+
+
+def answering(answer: bytes) -> UpstreamHandler:
+    """A raw upstream handler that writes ``answer`` whole, then closes the connection."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+
+    return handler
 
 
 @contextlib.asynccontextmanager

@@ -28,6 +28,8 @@ from tests.conftest import (
     client_ssl_context,
     copy_file,
     metric_path,
+    proxy_client_args,
+    proxy_client_files,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
@@ -311,11 +313,10 @@ async def test_bad_requestheader_ca_is_refused_and_the_old_one_stays(
 async def test_rotated_proxy_client_certificate_is_used_for_new_upstream_connections(
     start_router: StartRouter, pki: Pki, tmp_path: Path
 ) -> None:
-    cert = copy_file(pki.router_client_cert, tmp_path / "client.crt")
-    key = copy_file(pki.router_client_key, tmp_path / "client.key")
+    cert, key = proxy_client_files(pki, tmp_path)
     h = await start_router(
         {"a": ["tenant-a"]},
-        extra_args=["--proxy-client-cert-file", str(cert), "--proxy-client-key-file", str(key)],
+        extra_args=proxy_client_args(cert, key),
         stub_kwargs={"a": {"allowed_names": ("metrics-router", "metrics-router-next")}},
     )
     assert (await h.request(metric_path("tenant-a"))).status == 200  # one pooled connection
@@ -338,11 +339,10 @@ async def test_rotated_proxy_client_certificate_is_used_for_new_upstream_connect
 async def test_bad_proxy_client_files_are_refused(
     start_router: StartRouter, pki: Pki, tmp_path: Path
 ) -> None:
-    cert = copy_file(pki.router_client_cert, tmp_path / "client.crt")
-    key = copy_file(pki.router_client_key, tmp_path / "client.key")
+    cert, key = proxy_client_files(pki, tmp_path)
     h = await start_router(
         {"a": ["tenant-a"]},
-        extra_args=["--proxy-client-cert-file", str(cert), "--proxy-client-key-file", str(key)],
+        extra_args=proxy_client_args(cert, key),
     )
     key.write_bytes(pki.front_proxy_client_key.read_bytes())  # not the certificate's key
     h.router.check_files()

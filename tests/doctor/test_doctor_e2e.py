@@ -25,9 +25,8 @@ import yaml
 from router import cli
 from router.app import Router
 from router.certs import Pki, generate_pki
-from router.config import serve_config_from_args
 from router.keda_stub import KedaStub
-from tests.conftest import parse_serve_args, routes_yaml, serve_args
+from tests.conftest import routes_yaml, serve_args, serve_config
 from tests.fakeapi import FakeKube
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
@@ -180,7 +179,7 @@ async def install(tenant_pki: Pki, tmp_path: Path) -> AsyncIterator[Install]:
         for s in stubs.values():
             await s.start()
         routes.write_text(routes_yaml({t: ([t], s.url, None) for t, s in stubs.items()}))
-        router = Router(serve_config_from_args(parse_serve_args(serve_args(pki, routes))))
+        router = Router(serve_config(serve_args(pki, routes)))
         await router.start()
         async with FakeKube(tmp_path) as fake:
             inst = Install(fake, pki, router, stubs, tmp_path)

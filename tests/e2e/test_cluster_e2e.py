@@ -19,7 +19,6 @@ import pytest
 
 from router.app import Router
 from router.certs import Pki
-from router.config import serve_config_from_args
 from router.routes import RouteTable
 from tests.conftest import (
     HPA_IDENTITY,
@@ -27,7 +26,8 @@ from tests.conftest import (
     RouterHarness,
     make_stub,
     metric_path,
-    parse_serve_args,
+    serve_config,
+    started_router,
 )
 from tests.fakeapi import FakeKube, Signal
 
@@ -91,13 +91,7 @@ async def stubs(pki: Pki) -> AsyncIterator[dict[str, RecordingStub]]:
 
 
 async def start(pki: Pki, fake: FakeKube, tmp_path: Path, **kw: bool) -> RouterHarness:
-    config = serve_config_from_args(parse_serve_args(cluster_args(pki, fake.kubeconfig, **kw)))
-    router = Router(config)
-    try:
-        await router.start()
-    except BaseException:
-        await router.stop()
-        raise
+    router = await started_router(serve_config(cluster_args(pki, fake.kubeconfig, **kw)))
     return RouterHarness(router, {}, tmp_path / "unused", pki, tmp_path)
 
 

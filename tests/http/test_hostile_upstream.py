@@ -22,7 +22,9 @@ from router.certs import ROUTER_CLIENT_CN, CertAndKey, Pki, issue_cert
 from tests.conftest import (
     HPA_IDENTITY,
     StartRouter,
+    answering,
     metric_path,
+    proxy_client_args,
     raw_tls_upstream,
     start_with_upstream,
     wait_until,
@@ -141,11 +143,7 @@ async def test_bytes_after_a_complete_answer_in_a_later_read_close_the_connectio
 async def test_a_garbage_answer_is_502_without_parser_text(
     start_router: StartRouter, pki: Pki, answer: bytes
 ) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(answer)
-        await writer.drain()
-
-    async with raw_tls_upstream(pki, handler) as up:
+    async with raw_tls_upstream(pki, answering(answer)) as up:
         h = await start_with_upstream(start_router, up.url)
         reply = await h.request(metric_path("tenant-a"))
         assert reply.status == 502
@@ -156,15 +154,12 @@ async def test_a_garbage_answer_is_502_without_parser_text(
 async def test_upstream_trailers_and_date_are_not_relayed(
     start_router: StartRouter, pki: Pki
 ) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2001 00:00:00 GMT\r\n"
-            b"Transfer-Encoding: chunked\r\nTrailer: X-Evil\r\n\r\n"
-            b"2\r\n{}\r\n0\r\nX-Evil: 1\r\nSet-Cookie: a=b\r\n\r\n"
-        )
-        await writer.drain()
-
-    async with raw_tls_upstream(pki, handler) as up:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2001 00:00:00 GMT\r\n"
+        b"Transfer-Encoding: chunked\r\nTrailer: X-Evil\r\n\r\n"
+        b"2\r\n{}\r\n0\r\nX-Evil: 1\r\nSet-Cookie: a=b\r\n\r\n"
+    )
+    async with raw_tls_upstream(pki, answering(answer)) as up:
         h = await start_with_upstream(start_router, up.url)
         reply = await h.request(metric_path("tenant-a"))
         assert reply.status == 200
@@ -311,7 +306,7 @@ async def test_an_expired_router_client_certificate_is_named_as_the_cause(
     pair.write(cert, key)
     h = await start_router(
         {"a": ["tenant-a"], "b": ["tenant-b"]},
-        extra_args=["--proxy-client-cert-file", str(cert), "--proxy-client-key-file", str(key)],
+        extra_args=proxy_client_args(cert, key),
     )
     # Wait for the clock, not for the router: the certificate expires at a known time.
     await wait_until(lambda: datetime.datetime.now(datetime.UTC) > expiry, within=10)

@@ -16,7 +16,6 @@ import uvloop
 
 from router.app import Router
 from router.certs import Pki
-from router.config import serve_config_from_args
 from tests.conftest import (
     HPA_IDENTITY,
     RawConnection,
@@ -24,9 +23,9 @@ from tests.conftest import (
     client_ssl_context,
     make_stub,
     metric_path,
-    parse_serve_args,
     routes_yaml,
     serve_args,
+    serve_config,
 )
 
 Scenario = Callable[[Router, Pki], Awaitable[None]]
@@ -39,8 +38,7 @@ def run_on_uvloop(pki: Pki, tmp_path: Path, scenario: Scenario) -> None:
         await stub.start()
         routes = tmp_path / "routes.yaml"
         routes.write_text(routes_yaml({"a": (["tenant-a"], stub.url, None)}))
-        config = serve_config_from_args(parse_serve_args(serve_args(pki, routes, FAST)))
-        router = Router(config)
+        router = Router(serve_config(serve_args(pki, routes, FAST)))
         try:
             await router.start()
             await scenario(router, pki)

@@ -35,15 +35,14 @@ from hypothesis import strategies as st
 
 from router.app import Router
 from router.certs import Pki
-from router.config import serve_config_from_args
 from tests.conftest import (
     HPA_IDENTITY,
     client_ssl_context,
     make_stub,
     metric_path,
-    parse_serve_args,
     routes_yaml,
     serve_args,
+    serve_config,
 )
 
 
@@ -66,9 +65,7 @@ def router(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Threa
         await stub.start()
         routes = Path(tmp_path_factory.mktemp("oracle")) / "routes.yaml"
         routes.write_text(routes_yaml({"a": (["tenant-a"], stub.url, None)}))
-        config = serve_config_from_args(
-            parse_serve_args(serve_args(pki, routes, ["--read-timeout", "2s"]))
-        )
+        config = serve_config(serve_args(pki, routes, ["--read-timeout", "2s"]))
         r = Router(config)
         try:
             await r.start()

@@ -21,6 +21,7 @@ from tests.conftest import (
     RawConnection,
     SessionFactory,
     StartRouter,
+    answering,
     build_request,
     client_ssl_context,
     metric_path,
@@ -190,11 +191,9 @@ async def test_success_answers_pass_through_unchanged(start_router: StartRouter)
 async def test_upstream_response_without_content_type_gets_none_added(
     start_router: StartRouter, pki: Pki
 ) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n\x00\x01\x02\x03")
-        await writer.drain()
-
-    async with raw_tls_upstream(pki, handler) as upstream:
+    async with raw_tls_upstream(
+        pki, answering(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n\x00\x01\x02\x03")
+    ) as upstream:
         h = await start_with_upstream(start_router, upstream.url)
         reply = await h.request(metric_path("tenant-a"))
     assert reply.status == 200
@@ -210,11 +209,7 @@ async def test_upstream_response_header_bytes_pass_through_unchanged(
         b'Content-Length: 2\r\nWarning: 299 - "caf\xc3\xa9"\r\nX-Latin: \xe9t\xe9\r\n\r\n{}'
     )
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(head)
-        await writer.drain()
-
-    async with raw_tls_upstream(pki, handler) as upstream:
+    async with raw_tls_upstream(pki, answering(head)) as upstream:
         h = await start_with_upstream(start_router, upstream.url)
         conn = await h.connect()
         conn.writer.write(build_request(metric_path("tenant-a"), HPA_IDENTITY))
@@ -649,13 +644,8 @@ async def test_upstream_closing_idle_connections_is_retried_transparently(
     start_router: StartRouter, pki: Pki
 ) -> None:
     # An upstream that closes every connection after one answer without saying so.
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-        )
-        await writer.drain()
-
-    async with raw_tls_upstream(pki, handler) as upstream:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    async with raw_tls_upstream(pki, answering(answer)) as upstream:
         h = await start_with_upstream(start_router, upstream.url)
         conn = await h.connect()
         for _ in range(5):

@@ -15,6 +15,7 @@ from tests.conftest import (
     NoResponseError,
     Reply,
     StartRouter,
+    answering,
     build_request,
     metric_path,
     raw_tls_upstream,
@@ -297,11 +298,7 @@ async def test_upstream_dropping_the_connection_is_502(start_router: StartRouter
 async def test_broken_upstream_responses_are_502(
     start_router: StartRouter, pki: Pki, answer: bytes
 ) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(answer)
-        await writer.drain()
-
-    async with raw_tls_upstream(pki, handler) as upstream:
+    async with raw_tls_upstream(pki, answering(answer)) as upstream:
         h = await start_with_upstream(start_router, upstream.url)
         assert_status(await h.request(metric_path("tenant-a")), 502, "InternalError")
         assert (await h.request(metric_path("tenant-b"))).status == 200
@@ -312,11 +309,9 @@ async def test_upstream_response_ending_at_eof_is_relayed_whole(
 ) -> None:
     body = b'{"kind":"ExternalMetricValueList","items":[]}' * 50
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + body)
-        await writer.drain()
-
-    async with raw_tls_upstream(pki, handler) as upstream:
+    async with raw_tls_upstream(
+        pki, answering(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + body)
+    ) as upstream:
         h = await start_with_upstream(start_router, upstream.url)
         reply = await h.request(metric_path("tenant-a"))
         assert reply.status == 200
@@ -327,14 +322,11 @@ async def test_upstream_response_ending_at_eof_is_relayed_whole(
 async def test_interim_1xx_answer_is_not_relayed_as_the_final_answer(
     start_router: StartRouter, pki: Pki
 ) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 100 Continue\r\n\r\n"
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-        )
-        await writer.drain()
-
-    async with raw_tls_upstream(pki, handler) as upstream:
+    answer = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    async with raw_tls_upstream(pki, answering(answer)) as upstream:
         h = await start_with_upstream(start_router, upstream.url)
         reply = await h.request(metric_path("tenant-a"))
         # Either the final answer or a 502: never the interim 100 as if it were the answer.
@@ -344,15 +336,12 @@ async def test_interim_1xx_answer_is_not_relayed_as_the_final_answer(
 async def test_chunked_upstream_response_is_relayed_with_its_bytes(
     start_router: StartRouter, pki: Pki
 ) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.kubernetes.protobuf\r\n"
-            b"Transfer-Encoding: chunked\r\nX-Upstream: yes\r\n\r\n"
-            b"4\r\nk8s\x00\r\n3\r\n\x01\x02\x03\r\n0\r\n\r\n"
-        )
-        await writer.drain()
-
-    async with raw_tls_upstream(pki, handler) as upstream:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.kubernetes.protobuf\r\n"
+        b"Transfer-Encoding: chunked\r\nX-Upstream: yes\r\n\r\n"
+        b"4\r\nk8s\x00\r\n3\r\n\x01\x02\x03\r\n0\r\n\r\n"
+    )
+    async with raw_tls_upstream(pki, answering(answer)) as upstream:
         h = await start_with_upstream(start_router, upstream.url)
         reply = await h.request(metric_path("tenant-a"))
         assert reply.status == 200
