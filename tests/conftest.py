@@ -53,6 +53,17 @@ DEFAULT_TENANTS: dict[str, list[str]] = {
     "b": ["tenant-b"],
     "c": ["tenant-c"],
 }
+# The routes file example of DESIGN.md (and README.md).
+DESIGN_ROUTES = """
+tenants:
+  a:
+    namespaces: [tenant-a, tenant-a--dev]
+    upstream: https://127.0.0.1:7001
+    serverName: keda-operator-metrics-apiserver.tenant-a--sys.svc
+  b:
+    namespaces: [tenant-b]
+    upstream: https://127.0.0.1:7002
+"""
 # What the aggregator sends for an HPA request (several groups, extras with encoded keys).
 HPA_IDENTITY: tuple[tuple[str, str], ...] = (
     ("X-Remote-User", "system:serviceaccount:kube-system:horizontal-pod-autoscaler"),

@@ -12,26 +12,17 @@ import yaml
 
 from router.certs import make_ca
 from router.cli import main
-from tests.core.policy.test_manifests import talk_tree
+from tests.conftest import DESIGN_ROUTES
+from tests.core.policy.trees import talk_tree
 from tests.fakeapi import FakeKube
 
-ROUTES = """
-tenants:
-  a:
-    namespaces: [tenant-a, tenant-a--dev]
-    upstream: https://127.0.0.1:7001
-    serverName: keda-operator-metrics-apiserver.tenant-a--sys.svc
-  b:
-    namespaces: [tenant-b]
-    upstream: https://127.0.0.1:7002
-"""
 POLICY_CONFIG = "kubeAPIServer: {cidrs: [172.18.0.2/32]}\nclusterCIDRs: [10.244.0.0/16]\n"
 
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
     routes = tmp_path / "routes.yaml"
-    routes.write_text(ROUTES)
+    routes.write_text(DESIGN_ROUTES)
     config = tmp_path / "policy.yaml"
     config.write_text(POLICY_CONFIG)
     return {"routes": routes, "config": config, "out": tmp_path / "out"}
@@ -136,7 +127,7 @@ def test_output_dir_owns_only_its_files(
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*.yaml")} == snapshot
 
     # Tenant b is gone: its files go, a's and the foreign ones stay.
-    files["routes"].write_text(ROUTES.split("  b:")[0])
+    files["routes"].write_text(DESIGN_ROUTES.split("  b:")[0])
     assert render(*args) == 0
     assert "removed=4" in capsys.readouterr().err
     left = sorted(p.name for p in out.glob("networkpolicy.*.yaml"))

@@ -35,7 +35,7 @@ from router.core.policy import (
 from router.core.tenancy import NamespaceInfo, Resolution, resolve
 from router.settings import LeaderElectionSettings
 from tests.conftest import wait_until as poll_until
-from tests.core.policy.test_manifests import talk_tree
+from tests.core.policy.trees import talk_tree
 from tests.fakeapi import FakeKube
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")

@@ -16,19 +16,9 @@ from router.routes import (
     Upstream,
     parse_routes_file,
 )
+from tests.conftest import DESIGN_ROUTES
 
-EXAMPLE = textwrap.dedent(
-    """
-    tenants:
-      a:
-        namespaces: [tenant-a, tenant-a--dev]
-        upstream: https://127.0.0.1:7001
-        serverName: keda-operator-metrics-apiserver.tenant-a--sys.svc
-      b:
-        namespaces: [tenant-b]
-        upstream: https://127.0.0.1:7002
-    """
-)
+EXAMPLE = DESIGN_ROUTES
 
 
 def test_parse_the_design_example() -> None:

@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 from router.config import TenancySettings
 from router.core.policy import (
     ANNOTATION_EGRESS_CIDRS,
-    ANNOTATION_EGRESS_FQDNS,
     ANNOTATION_EGRESS_PORTS,
     CILIUM_API,
     KIND_CILIUM,
@@ -56,60 +55,23 @@ from router.core.policy import (
     tenant_networks,
     tenant_slug,
 )
-from router.core.tenancy import NamespaceInfo, ServiceInfo, resolve
+from router.core.tenancy import NamespaceInfo, resolve
 from router.names import is_dns1123_label, is_dns1123_subdomain
 from router.render import output_files, write_output_dir
 from router.routes import RouteTable, parse_routes_file
+from tests.conftest import DESIGN_ROUTES
+from tests.core.policy.trees import hnc_namespaces, plain_namespace, talk_tree
 from tests.paths import REPO_ROOT
 
 SCHEMAS = REPO_ROOT.parent / "shared" / "schemas"
 CILIUM_SCHEMA = SCHEMAS / "cilium.io" / "ciliumclusterwidenetworkpolicy_v2.json"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 K8S_VERSION = "1.30"
-ROOT_LABEL = "tenancy.metrics-router.io/root"
-HNC = ".tree.hnc.x-k8s.io/depth"
 
 SETTINGS = PolicySettings(apiserver_cidrs=("172.18.0.2/32",), cluster_cidrs=("10.244.0.0/16",))
 
 
 # --------------------------------------------------------------------------- cluster fixtures
-
-
-def hnc_namespaces(
-    parents: Mapping[str, str | None],
-    roots: Iterable[str] = (),
-    extra_labels: Mapping[str, Mapping[str, str]] | None = None,
-    annotations: Mapping[str, Mapping[str, str]] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Raw Namespace objects labelled as HNC labels them: each ancestor and itself, by depth.
-    A namespace missing from ``parents`` values' keys is an HNC-less namespace."""
-    objs: dict[str, dict[str, Any]] = {}
-    root_set = set(roots)
-    for name, parent in parents.items():
-        labels = {"kubernetes.io/metadata.name": name, f"{name}{HNC}": "0"}
-        depth, cur = 1, parent
-        while cur is not None:
-            labels[f"{cur}{HNC}"] = str(depth)
-            depth, cur = depth + 1, parents.get(cur)
-        if name in root_set:
-            labels[ROOT_LABEL] = "true"
-        labels.update((extra_labels or {}).get(name, {}))
-        meta: dict[str, Any] = {"name": name, "labels": labels}
-        if annotations and name in annotations:
-            meta["annotations"] = dict(annotations[name])
-        objs[name] = {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
-    return objs
-
-
-def plain_namespace(name: str, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {
-            "name": name,
-            "labels": {"kubernetes.io/metadata.name": name, **(labels or {})},
-        },
-    }
 
 
 def metas_of(objs: Iterable[Mapping[str, Any]]) -> dict[str, NamespaceMeta]:
@@ -122,42 +84,6 @@ def metas_of(objs: Iterable[Mapping[str, Any]]) -> dict[str, NamespaceMeta]:
             MappingProxyType(dict(m.get("annotations") or {})),
         )
     return out
-
-
-def talk_tree() -> tuple[dict[str, dict[str, Any]], list[ServiceInfo]]:
-    """The talk's tenancy model: tenant roots with children and a `--sys` namespace for KEDA."""
-    parents: dict[str, str | None] = {
-        "tenant-a": None,
-        "tenant-a--ns1": "tenant-a",
-        "tenant-a--ns2": "tenant-a",
-        "tenant-a--sys": "tenant-a",
-        "tenant-b": None,
-        "tenant-b--ns1": "tenant-b",
-        "tenant-b--sys": "tenant-b",
-    }
-    objs = hnc_namespaces(
-        parents,
-        roots=("tenant-a", "tenant-b"),
-        annotations={
-            "tenant-a": {
-                ANNOTATION_EGRESS_CIDRS: "203.0.113.0/24",
-                ANNOTATION_EGRESS_FQDNS: "sqs.eu-west-1.amazonaws.com, *.s3.amazonaws.com",
-                ANNOTATION_EGRESS_PORTS: "443",
-            }
-        },
-    )
-    for extra in ("kube-system", "metrics-router", "monitoring"):
-        objs[extra] = plain_namespace(extra)
-    services = [
-        ServiceInfo(
-            ns,
-            "keda-operator-metrics-apiserver",
-            MappingProxyType({"app.kubernetes.io/name": "keda-operator-metrics-apiserver"}),
-            (("https", 443),),
-        )
-        for ns in ("tenant-a--sys", "tenant-b--sys")
-    ]
-    return objs, services
 
 
 TALK_CONFIG = """
@@ -638,20 +564,8 @@ def routes(text: str) -> RouteTable:
     return parse_routes_file(text)
 
 
-ROUTES = """
-tenants:
-  a:
-    namespaces: [tenant-a, tenant-a--dev]
-    upstream: https://127.0.0.1:7001
-    serverName: keda-operator-metrics-apiserver.tenant-a--sys.svc
-  b:
-    namespaces: [tenant-b]
-    upstream: https://127.0.0.1:7002
-"""
-
-
 def test_routes_file_tenants_are_selected_by_name_and_keda_namespace_derived() -> None:
-    networks, _ = tenant_networks(routes(ROUTES), PolicyConfig(settings=SETTINGS))
+    networks, _ = tenant_networks(routes(DESIGN_ROUTES), PolicyConfig(settings=SETTINGS))
     a, b = networks
     assert a.keda_namespace == "tenant-a--sys"  # from serverName
     assert b.keda_namespace == "b--sys"  # from the template
