@@ -613,6 +613,14 @@ async def start_with_upstream(start_router: StartRouter, url: str) -> RouterHarn
     return h
 
 
+@pytest.fixture
+async def stub(pki: Pki) -> AsyncIterator[KedaStub]:
+    """Tenant a's KedaStub, started (for suites that run `metrics-router serve` as a process)."""
+    s = make_stub(pki, "a")
+    async with s:
+        yield s
+
+
 # --------------------------------------------------------------------------- hygiene
 
 

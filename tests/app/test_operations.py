@@ -22,19 +22,11 @@ from router.certs import Pki
 from router.cluster import client as kube
 from router.keda_stub import KedaStub
 from router.version import version
-from tests.cli.test_serve_cli import _read_until, base_args, make_stub, run_cli, running_router
+from tests.cli.process import base_args, read_until, run_cli, running_router, with_flag
 from tests.conftest import HPA_IDENTITY, RawConnection, client_ssl_context, metric_path, routes_yaml
 from tests.fakeapi import FakeKube
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
-
-@pytest.fixture
-async def stub(pki: Pki) -> KedaStub:
-    s = make_stub(pki, "a")
-    await s.start()
-    yield s  # type: ignore[misc]
-    await s.stop()
 
 
 async def _get(url: str) -> int:
@@ -55,7 +47,7 @@ async def test_sigterm_fails_readyz_keeps_serving_for_the_delay_and_a_second_sig
         ready = f"http://127.0.0.1:{r.metrics_port}/readyz"
         assert await _get(ready) == 200
         r.proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(_read_until(r.proc, r.log, re.compile("shutting down")), 30)
+        await asyncio.wait_for(read_until(r.proc, r.log, re.compile("shutting down")), 30)
         # The endpoint is being removed: not ready, on both ports ...
         assert await _get(ready) == 503
         conn = await RawConnection.open(r.port, client_ssl_context(pki))
@@ -87,8 +79,7 @@ def test_workers_refuse_a_port_another_process_holds(pki: Pki, tmp_path: Path) -
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        args = [*base_args(pki, routes), "--workers", "2"]
-        args[args.index("--secure-port") + 1] = str(port)
+        args = with_flag([*base_args(pki, routes), "--workers", "2"], "--secure-port", str(port))
         proc = run_cli(args)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -107,8 +98,7 @@ async def test_workers_serve_a_free_port_and_stop_on_sigterm(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    args = [*base_args(pki, routes), "--workers", "2"]
-    args[args.index("--secure-port") + 1] = str(port)
+    args = with_flag([*base_args(pki, routes), "--workers", "2"], "--secure-port", str(port))
     async with running_router(args) as r:
         assert r.port == port
         conn = await RawConnection.open(port, client_ssl_context(pki))
@@ -130,7 +120,6 @@ async def test_start_up_line_names_version_addresses_trust_and_routes(
     routes = tmp_path / "routes.yaml"
     routes.write_text(routes_yaml({"a": (["tenant-a"], stub.url, None)}))
     args = [*base_args(pki, routes), "--log-format", "json"]
-    args[args.index("--metrics-bind-address") + 1] = "127.0.0.1:0"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "router", *args, stderr=asyncio.subprocess.PIPE
     )

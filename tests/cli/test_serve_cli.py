@@ -3,54 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
 import signal
 import socket
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from router.certs import Pki
 from router.keda_stub import KedaStub
+from tests.cli.process import (
+    Running,
+    assert_clean_failure,
+    base_args,
+    read_until,
+    run_cli,
+    running_router,
+    with_flag,
+)
 from tests.conftest import (
     HPA_IDENTITY,
     RawConnection,
     client_ssl_context,
     copy_file,
-    make_stub,
     metric_path,
     routes_yaml,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
-ROUTER_CMD = [sys.executable, "-m", "router"]
-_SERVING = re.compile(r"serving port=(\d+) metrics_port=(\d+)")
-
-
-def base_args(pki: Pki, routes_file: Path) -> list[str]:
-    return [
-        "serve",
-        "--secure-port", "0",
-        "--bind-address", "127.0.0.1",
-        *pki.serve_flags(),
-        "--routes-file", str(routes_file),
-        "--metrics-bind-address", "127.0.0.1:0",
-        "--shutdown-grace-period", "5",
-    ]  # fmt: skip
-
-
-def with_flag(args: Sequence[str], flag: str, value: str) -> list[str]:
-    out = list(args)
-    out[out.index(flag) + 1] = value
-    return out
 
 
 @pytest.fixture
@@ -58,23 +39,6 @@ def routes_file(tmp_path: Path) -> Path:
     path = tmp_path / "routes.yaml"
     path.write_text(routes_yaml({"a": (["tenant-a"], "https://127.0.0.1:1", None)}))
     return path
-
-
-def run_cli(
-    args: Sequence[str], cmd: Sequence[str] = ROUTER_CMD
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, check=False)
-
-
-def assert_clean_failure(
-    proc: subprocess.CompletedProcess[str], *fragments: str, code: int = 1
-) -> None:
-    """Exit ``code`` (2: a usage error found in the flags; 1: a runtime error at start-up)
-    with each fragment on stderr and no traceback."""
-    assert proc.returncode == code, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, (fragment, proc.stderr)
 
 
 # --------------------------------------------------------------------------- start-up errors
@@ -168,69 +132,10 @@ def test_console_script_is_installed(pki: Pki, routes_file: Path, tmp_path: Path
 # --------------------------------------------------------------------------- running
 
 
-@dataclass
-class Running:
-    proc: asyncio.subprocess.Process
-    port: int
-    metrics_port: int
-    log: list[str]
-
-
-async def _read_until(
-    proc: asyncio.subprocess.Process, log: list[str], pattern: re.Pattern[str]
-) -> re.Match[str]:
-    assert proc.stderr is not None
-    while True:
-        line = (await proc.stderr.readline()).decode(errors="replace")
-        if not line:
-            raise AssertionError("router exited before serving:\n" + "".join(log))
-        log.append(line)
-        m = pattern.search(line)
-        if m is not None:
-            return m
-
-
-@contextlib.asynccontextmanager
-async def running_router(args: Sequence[str]) -> AsyncIterator[Running]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = await asyncio.create_subprocess_exec(
-        *ROUTER_CMD,
-        *args,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    log: list[str] = []
-    try:
-        m = await asyncio.wait_for(_read_until(proc, log, _SERVING), 30)
-        running = Running(proc, int(m.group(1)), int(m.group(2)), log)
-        # The metrics port answers once the event loop runs after start-up, i.e. once the
-        # signal handlers are installed.
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{running.metrics_port}/healthz") as resp,
-        ):
-            assert resp.status == 200
-        yield running
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if proc.stderr is not None:
-            await proc.stderr.read()
-
-
 async def _drain(running: Running) -> str:
     assert running.proc.stderr is not None
     rest = await asyncio.wait_for(running.proc.stderr.read(), 30)
     return "".join(running.log) + rest.decode(errors="replace")
-
-
-@pytest.fixture
-async def stub(pki: Pki) -> AsyncIterator[KedaStub]:
-    s = make_stub(pki, "a")
-    async with s:
-        yield s
 
 
 async def test_serves_and_exits_0_on_sigterm(pki: Pki, tmp_path: Path, stub: KedaStub) -> None:
@@ -282,7 +187,7 @@ async def test_reloads_a_rotated_routes_file_while_running(
     args += ["--file-check-interval", "0.05"]
     async with running_router(args) as r:
         routes.write_text(routes_yaml({"a": (["tenant-a", "tenant-a--new"], stub.url, None)}))
-        await asyncio.wait_for(_read_until(r.proc, r.log, re.compile("routes reloaded")), 30)
+        await asyncio.wait_for(read_until(r.proc, r.log, re.compile("routes reloaded")), 30)
         conn = await RawConnection.open(r.port, client_ssl_context(pki))
         try:
             reply = await conn.request(metric_path("tenant-a--new"), HPA_IDENTITY)
