@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -28,7 +30,6 @@ from tests.conftest import (
     client_ssl_context,
     copy_file,
     metric_path,
-    proxy_client_args,
     proxy_client_files,
 )
 
@@ -130,6 +131,14 @@ async def test_file_watcher_reloads_routes_without_being_asked(start_router: Sta
     assert (await h.request(metric_path("tenant-b--new"))).headers["X-Stub-Tenant"] == "b"
 
 
+async def _router_reading(
+    start_router: StartRouter, files: Mapping[str, Path], **kwargs: Any
+) -> RouterHarness:
+    """Tenant a's router, its file flags pointing at the test's own copies (rotated later)."""
+    flags = [arg for flag, path in files.items() for arg in (flag, str(path))]
+    return await start_router({"a": ["tenant-a"]}, extra_args=flags, **kwargs)
+
+
 # --------------------------------------------------------------------------- serving certificate
 
 
@@ -159,9 +168,8 @@ async def test_rotated_serving_certificate_is_used_by_new_handshakes_only(
     start_router: StartRouter, pki: Pki, tmp_path: Path
 ) -> None:
     cert, key = _serving_copy(pki, tmp_path)
-    h = await start_router(
-        {"a": ["tenant-a"]},
-        extra_args=["--tls-cert-file", str(cert), "--tls-private-key-file", str(key)],
+    h = await _router_reading(
+        start_router, {"--tls-cert-file": cert, "--tls-private-key-file": key}
     )
     old_serial = _serial(cert)
     established = await h.connect()
@@ -189,9 +197,8 @@ async def test_bad_new_serving_files_are_refused_and_the_old_pair_stays(
     start_router: StartRouter, pki: Pki, tmp_path: Path, damage: str
 ) -> None:
     cert, key = _serving_copy(pki, tmp_path)
-    h = await start_router(
-        {"a": ["tenant-a"]},
-        extra_args=["--tls-cert-file", str(cert), "--tls-private-key-file", str(key)],
+    h = await _router_reading(
+        start_router, {"--tls-cert-file": cert, "--tls-private-key-file": key}
     )
     old_serial = _serial(cert)
     if damage == "mismatched-key":
@@ -221,9 +228,7 @@ async def test_requestheader_ca_rotation(
     start_router: StartRouter, pki: Pki, tmp_path: Path
 ) -> None:
     ca_file = copy_file(pki.requestheader_ca, tmp_path / "requestheader-ca.crt")
-    h = await start_router(
-        {"a": ["tenant-a"]}, extra_args=["--requestheader-client-ca-file", str(ca_file)]
-    )
+    h = await _router_reading(start_router, {"--requestheader-client-ca-file": ca_file})
     new_ca = make_ca("rotated front-proxy CA")
     new_client = issue_cert(new_ca, FRONT_PROXY_CLIENT_CN, client=True)
     new_pair = (tmp_path / "new-client.crt", tmp_path / "new-client.key")
@@ -274,9 +279,7 @@ async def test_resumed_session_is_not_trusted_after_requestheader_ca_rotation(
     start_router: StartRouter, pki: Pki, tmp_path: Path, version: ssl.TLSVersion
 ) -> None:
     ca_file = copy_file(pki.requestheader_ca, tmp_path / "requestheader-ca.crt")
-    h = await start_router(
-        {"a": ["tenant-a"]}, extra_args=["--requestheader-client-ca-file", str(ca_file)]
-    )
+    h = await _router_reading(start_router, {"--requestheader-client-ca-file": ca_file})
     ctx = client_ssl_context(pki)
     ctx.maximum_version = version
     data, session, _ = await asyncio.to_thread(_blocking_request, h.port, ctx)
@@ -298,9 +301,7 @@ async def test_bad_requestheader_ca_is_refused_and_the_old_one_stays(
     start_router: StartRouter, pki: Pki, tmp_path: Path
 ) -> None:
     ca_file = copy_file(pki.requestheader_ca, tmp_path / "requestheader-ca.crt")
-    h = await start_router(
-        {"a": ["tenant-a"]}, extra_args=["--requestheader-client-ca-file", str(ca_file)]
-    )
+    h = await _router_reading(start_router, {"--requestheader-client-ca-file": ca_file})
     ca_file.write_bytes(b"not a certificate\n")
     h.router.check_files()
     assert await reloads(h, "serving", "failure") == 1
@@ -314,9 +315,9 @@ async def test_rotated_proxy_client_certificate_is_used_for_new_upstream_connect
     start_router: StartRouter, pki: Pki, tmp_path: Path
 ) -> None:
     cert, key = proxy_client_files(pki, tmp_path)
-    h = await start_router(
-        {"a": ["tenant-a"]},
-        extra_args=proxy_client_args(cert, key),
+    h = await _router_reading(
+        start_router,
+        {"--proxy-client-cert-file": cert, "--proxy-client-key-file": key},
         stub_kwargs={"a": {"allowed_names": ("metrics-router", "metrics-router-next")}},
     )
     assert (await h.request(metric_path("tenant-a"))).status == 200  # one pooled connection
@@ -340,9 +341,8 @@ async def test_bad_proxy_client_files_are_refused(
     start_router: StartRouter, pki: Pki, tmp_path: Path
 ) -> None:
     cert, key = proxy_client_files(pki, tmp_path)
-    h = await start_router(
-        {"a": ["tenant-a"]},
-        extra_args=proxy_client_args(cert, key),
+    h = await _router_reading(
+        start_router, {"--proxy-client-cert-file": cert, "--proxy-client-key-file": key}
     )
     key.write_bytes(pki.front_proxy_client_key.read_bytes())  # not the certificate's key
     h.router.check_files()
