@@ -10,8 +10,6 @@ Nothing here is autouse; modules opt in (for example with
 - ``start_router`` (function): ``await start_router({"a": ["tenant-a"], ...}, extra_args=[...])``
   starts one :class:`RecordingStub` per tenant and a Router routing to them; everything is
   stopped at teardown. Returns a :class:`RouterHarness`.
-- ``client_session`` (function): an aiohttp ClientSession factory presenting the front-proxy
-  client certificate, none, or the rogue / other certificates.
 - ``no_leftover_tasks`` (function): fails a test that leaves asyncio tasks running.
 """
 
@@ -379,19 +377,6 @@ async def started_router(config: ServeConfig) -> Router:
     return router
 
 
-def proxy_client_files(pki: Pki, directory: Path) -> tuple[Path, Path]:
-    """A private copy of the router's client certificate and key, for tests that rotate or
-    break them (the session PKI is read-only)."""
-    cert = copy_file(pki.router_client_cert, directory / "client.crt")
-    key = copy_file(pki.router_client_key, directory / "client.key")
-    return cert, key
-
-
-def proxy_client_args(cert: Path, key: Path) -> list[str]:
-    """`serve` flags for the router's client certificate and key."""
-    return ["--proxy-client-cert-file", str(cert), "--proxy-client-key-file", str(key)]
-
-
 @dataclass
 class RouterHarness:
     router: Router
@@ -529,25 +514,6 @@ async def start_router(pki: Pki, tmp_path: Path) -> AsyncIterator[StartRouter]:
         for conn in h.connections:
             await conn.close()
         await h.router.stop()
-
-
-SessionFactory = Callable[[ClientCert], aiohttp.ClientSession]
-
-
-@pytest.fixture
-async def client_session(pki: Pki) -> AsyncIterator[SessionFactory]:
-    """Factory of aiohttp sessions presenting a client certificate (or none); closed after."""
-    sessions: list[aiohttp.ClientSession] = []
-
-    def factory(cert: ClientCert = "front-proxy") -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(ssl=client_ssl_context(pki, cert))
-        session = aiohttp.ClientSession(connector=connector)
-        sessions.append(session)
-        return session
-
-    yield factory
-    for session in sessions:
-        await session.close()
 
 
 # --------------------------------------------------------------------------- raw upstreams

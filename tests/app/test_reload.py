@@ -30,7 +30,6 @@ from tests.conftest import (
     client_ssl_context,
     copy_file,
     metric_path,
-    proxy_client_files,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
@@ -145,6 +144,12 @@ async def _router_reading(
 def _serving_copy(pki: Pki, directory: Path) -> tuple[Path, Path]:
     cert = copy_file(pki.router_serving_cert, directory / "tls.crt")
     key = copy_file(pki.router_serving_key, directory / "tls.key")
+    return cert, key
+
+
+def _proxy_client_copy(pki: Pki, directory: Path) -> tuple[Path, Path]:
+    cert = copy_file(pki.router_client_cert, directory / "client.crt")
+    key = copy_file(pki.router_client_key, directory / "client.key")
     return cert, key
 
 
@@ -314,7 +319,7 @@ async def test_bad_requestheader_ca_is_refused_and_the_old_one_stays(
 async def test_rotated_proxy_client_certificate_is_used_for_new_upstream_connections(
     start_router: StartRouter, pki: Pki, tmp_path: Path
 ) -> None:
-    cert, key = proxy_client_files(pki, tmp_path)
+    cert, key = _proxy_client_copy(pki, tmp_path)
     h = await _router_reading(
         start_router,
         {"--proxy-client-cert-file": cert, "--proxy-client-key-file": key},
@@ -340,7 +345,7 @@ async def test_rotated_proxy_client_certificate_is_used_for_new_upstream_connect
 async def test_bad_proxy_client_files_are_refused(
     start_router: StartRouter, pki: Pki, tmp_path: Path
 ) -> None:
-    cert, key = proxy_client_files(pki, tmp_path)
+    cert, key = _proxy_client_copy(pki, tmp_path)
     h = await _router_reading(
         start_router, {"--proxy-client-cert-file": cert, "--proxy-client-key-file": key}
     )

@@ -24,7 +24,6 @@ from tests.conftest import (
     StartRouter,
     answering,
     metric_path,
-    proxy_client_args,
     raw_tls_upstream,
     start_with_upstream,
     wait_until,
@@ -306,7 +305,7 @@ async def test_an_expired_router_client_certificate_is_named_as_the_cause(
     pair.write(cert, key)
     h = await start_router(
         {"a": ["tenant-a"], "b": ["tenant-b"]},
-        extra_args=proxy_client_args(cert, key),
+        extra_args=["--proxy-client-cert-file", str(cert), "--proxy-client-key-file", str(key)],
     )
     # Wait for the clock, not for the router: the certificate expires at a known time.
     await wait_until(lambda: datetime.datetime.now(datetime.UTC) > expiry, within=10)

@@ -19,7 +19,6 @@ from tests.conftest import (
     ClientCert,
     NoResponseError,
     RawConnection,
-    SessionFactory,
     StartRouter,
     answering,
     build_request,
@@ -28,6 +27,7 @@ from tests.conftest import (
     raw_tls_upstream,
     start_with_upstream,
 )
+from tests.proxy.conftest import SessionFactory
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 
