@@ -53,6 +53,14 @@ def stub(pki: Pki, tenant: str, **kw: Any) -> KedaStub:
     )
 
 
+def _run_cli(argv: list[str]) -> tuple[int, str]:
+    """`metrics-router` ARGV through the real CLI (run it in a thread): (exit code, stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(argv)
+    return code, out.getvalue()
+
+
 def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
@@ -157,15 +165,7 @@ class Install:
 
     async def doctor(self, *extra: str) -> tuple[int, str]:
         """Run `metrics-router doctor` (the real CLI) in a thread; (exit code, stdout)."""
-        argv = self.argv(*extra)
-
-        def call() -> tuple[int, str]:
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                code = cli.main(argv)
-            return code, out.getvalue()
-
-        return await asyncio.to_thread(call)
+        return await asyncio.to_thread(_run_cli, self.argv(*extra))
 
 
 @pytest.fixture
@@ -445,13 +445,7 @@ async def test_routes_file_mode_skips_the_cluster_checks(install: Install) -> No
         "--metrics-url", f"http://127.0.0.1:{install.router.metrics_port}",
     ]  # fmt: skip
 
-    def call() -> tuple[int, str]:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            code = cli.main(["doctor", *argv])
-        return code, out.getvalue()
-
-    code, report = await asyncio.to_thread(call)
+    code, report = await asyncio.to_thread(_run_cli, ["doctor", *argv])
     assert code == 0, report
     assert "- APIService: skipped: routes-file mode" in report
     assert "\u2713 tenant tenant-b: discovery GET as metrics-router:doctor" in report
@@ -553,13 +547,7 @@ async def test_args_from_pid_takes_serve_flags(install: Install) -> None:
             "--metrics-url", f"http://127.0.0.1:{install.router.metrics_port}",
         ]  # fmt: skip
 
-        def call() -> tuple[int, str]:
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                code = cli.main(argv)
-            return code, out.getvalue()
-
-        code, report = await asyncio.to_thread(call)
+        code, report = await asyncio.to_thread(_run_cli, argv)
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
@@ -575,17 +563,11 @@ async def test_router_metrics_through_the_services_proxy(install: Install) -> No
     argv = [a for a in install.argv() if not a.startswith("http://")]
     argv.remove("--metrics-url")
 
-    def call() -> tuple[int, str]:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            code = cli.main(argv)
-        return code, out.getvalue()
-
-    code, report = await asyncio.to_thread(call)
+    code, report = await asyncio.to_thread(_run_cli, argv)
     assert code == 0, report
     assert "\u2713 Router 0.1.0 at services proxy metrics-router/metrics-router:metrics" in report
     install.fake.proxy_forbidden = True
-    code, report = await asyncio.to_thread(call)
+    code, report = await asyncio.to_thread(_run_cli, argv)
     assert code == 1
     assert crosses(report) == [f"{CROSS} The router's metrics endpoint"], report
     assert "HTTP 403" in report
@@ -605,13 +587,6 @@ async def test_workstation_mode_skips_what_it_cannot_reach(install: Install) -> 
         "not reachable from here" in report
     )
     assert "\u2713 tenant tenant-a: discovery GET as metrics-router:doctor" in report
-
-
-def _run_cli(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli.main(argv)
-    return code, out.getvalue()
 
 
 def test_bad_policy_config_is_a_usage_error(
