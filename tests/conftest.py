@@ -10,8 +10,6 @@ Nothing here is autouse; modules opt in (for example with
 - ``start_router`` (function): ``await start_router({"a": ["tenant-a"], ...}, extra_args=[...])``
   starts one :class:`RecordingStub` per tenant and a Router routing to them; everything is
   stopped at teardown. Returns a :class:`RouterHarness`.
-- ``client_session`` (function): an aiohttp ClientSession factory presenting the front-proxy
-  client certificate, none, or the rogue / other certificates.
 - ``no_leftover_tasks`` (function): fails a test that leaves asyncio tasks running.
 """
 
@@ -44,6 +42,7 @@ from router.cli.options import add_serve_arguments, serve_config_from_args
 from router.cluster import client as kube
 from router.devtools.keda_stub import KedaStub
 from router.devtools.pki import Pki, generate_pki
+from router.settings.serve import ServeConfig
 from tests.fakeapi import FakeKube
 
 PKI_TENANTS = ("a", "b", "c")
@@ -53,6 +52,17 @@ DEFAULT_TENANTS: dict[str, list[str]] = {
     "b": ["tenant-b"],
     "c": ["tenant-c"],
 }
+# The routes file example of DESIGN.md (and README.md).
+DESIGN_ROUTES = """
+tenants:
+  a:
+    namespaces: [tenant-a, tenant-a--dev]
+    upstream: https://127.0.0.1:7001
+    serverName: keda-operator-metrics-apiserver.tenant-a--sys.svc
+  b:
+    namespaces: [tenant-b]
+    upstream: https://127.0.0.1:7002
+"""
 # What the aggregator sends for an HPA request (several groups, extras with encoded keys).
 HPA_IDENTITY: tuple[tuple[str, str], ...] = (
     ("X-Remote-User", "system:serviceaccount:kube-system:horizontal-pod-autoscaler"),
@@ -352,6 +362,22 @@ def parse_serve_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+def serve_config(argv: Sequence[str]) -> ServeConfig:
+    """The Router's configuration from `metrics-router serve` flags, through the real parser."""
+    return serve_config_from_args(parse_serve_args(argv))
+
+
+async def started_router(config: ServeConfig) -> Router:
+    """A started Router (stopped again when it fails half-way through starting)."""
+    router = Router(config)
+    try:
+        await router.start()
+    except BaseException:
+        await router.stop()
+        raise
+    return router
+
+
 @dataclass
 class RouterHarness:
     router: Router
@@ -474,13 +500,7 @@ async def start_router(pki: Pki, tmp_path: Path) -> AsyncIterator[StartRouter]:
         if routes is None:
             routes = {t: (ns, stubs[t].url, None) for t, ns in tenants.items()}
         routes_file.write_text(routes_yaml(routes))
-        config = serve_config_from_args(parse_serve_args(serve_args(pki, routes_file, extra_args)))
-        router = Router(config)
-        try:
-            await router.start()
-        except BaseException:
-            await router.stop()
-            raise
+        router = await started_router(serve_config(serve_args(pki, routes_file, extra_args)))
         harness = RouterHarness(router, stubs, routes_file, pki, directory)
         harnesses.append(harness)
         return harness
@@ -497,25 +517,6 @@ async def start_router(pki: Pki, tmp_path: Path) -> AsyncIterator[StartRouter]:
         await h.router.stop()
 
 
-SessionFactory = Callable[[ClientCert], aiohttp.ClientSession]
-
-
-@pytest.fixture
-async def client_session(pki: Pki) -> AsyncIterator[SessionFactory]:
-    """Factory of aiohttp sessions presenting a client certificate (or none); closed after."""
-    sessions: list[aiohttp.ClientSession] = []
-
-    def factory(cert: ClientCert = "front-proxy") -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(ssl=client_ssl_context(pki, cert))
-        session = aiohttp.ClientSession(connector=connector)
-        sessions.append(session)
-        return session
-
-    yield factory
-    for session in sessions:
-        await session.close()
-
-
 # --------------------------------------------------------------------------- raw upstreams
 
 UpstreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -525,6 +526,16 @@ UpstreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitab
 class RawUpstream:
     url: str
     heads: list[bytes]  # every request head received, as bytes
+
+
+def answering(answer: bytes) -> UpstreamHandler:
+    """A raw upstream handler that writes ``answer`` whole, then closes the connection."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+
+    return handler
 
 
 @contextlib.asynccontextmanager
@@ -567,6 +578,14 @@ async def start_with_upstream(start_router: StartRouter, url: str) -> RouterHarn
     h.write_routes({"a": (["tenant-a"], url, None), "b": (["tenant-b"], h.stubs["b"].url, None)})
     h.router.check_files()
     return h
+
+
+@pytest.fixture
+async def stub(pki: Pki) -> AsyncIterator[KedaStub]:
+    """Tenant a's KedaStub, started (for suites that run `metrics-router serve` as a process)."""
+    s = make_stub(pki, "a")
+    async with s:
+        yield s
 
 
 # --------------------------------------------------------------------------- hygiene

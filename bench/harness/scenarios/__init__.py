@@ -1,0 +1,1 @@
+"""One module per scenario: matrix, isolation, reload, hostile input, scale."""
