@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from router import tls as tlsfiles
-from router.cli.options import (
+from router.cli.serve_options import (
     add_serve_arguments,
     duration,
     requestheader_from_args,

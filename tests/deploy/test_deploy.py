@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from router.cli import options as config
+from router.cli import serve_options as config
 from router.core.apiservice import apiservice
 from router.devtools import pki as certs
 from tests.paths import REPO_ROOT

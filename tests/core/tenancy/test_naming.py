@@ -8,7 +8,7 @@ import re
 
 import yaml
 
-from router.cli import options as config
+from router.cli import serve_options as config
 from router.core.routes import parse_routes_file
 from router.core.tenancy import NamespaceInfo, resolve, tenant_of
 from router.devtools import demo
