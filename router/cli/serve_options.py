@@ -1,30 +1,27 @@
-"""Command-line options parsed once into frozen settings, every error reported at once.
+"""The flags of `metrics-router serve` (secure serving, requestheader, upstreams, stale answers,
+limits, operation) parsed once into a ServeConfig, every error reported at once.
 
 Pure: argparse and the standard library only. Flag names follow kube-apiserver conventions so
-operators recognise them (`--secure-port`, `--tls-cert-file`, `--requestheader-*`, ...).
+operators recognise them (`--secure-port`, `--tls-cert-file`, `--requestheader-*`, ...). The
+value types and log flags are in options.py; the tenancy flags in tenancy_options.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
+from router.cli.options import (
+    add_log_arguments,
+    byte_size,
+    csv,
+    duration,
+    host_port,
+    need_file,
+)
+from router.cli.tenancy_options import add_tenancy_arguments, tenancy_from_args
 from router.core.errors import ConfigError
-from router.core.option_values import (
-    format_duration,
-    parse_byte_size,
-    parse_duration,
-    parse_host_port,
-)
-from router.settings import (
-    DEFAULT_TENANT_PATTERN,
-    DEFAULT_UPSTREAM_SERVICE_SELECTOR,
-    STRATEGIES,
-    TenancySettings,
-)
+from router.core.option_values import format_duration
 from router.settings.limits import Limits
 from router.settings.serve import (
     DEFAULT_EXTRA_PREFIXES,
@@ -37,131 +34,6 @@ from router.settings.serve import (
     ServeConfig,
     StaleSettings,
 )
-
-DEFAULT_UPSTREAM_TEMPLATE_EXAMPLE = "https://keda-operator-metrics-apiserver.{tenant}--sys.svc:443"
-DEFAULT_TENANT_ROOT_LABEL = "tenancy.metrics-router.io/root=true"
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-T = TypeVar("T")
-
-
-def _argparse_type(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
-    """An argparse ``type=``: the parser's ValueError becomes argparse's one-line error."""
-
-    def convert(text: str) -> T:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = name  # argparse names the type in its message
-    return convert
-
-
-duration = _argparse_type(parse_duration, "duration")
-byte_size = _argparse_type(parse_byte_size, "size")
-
-
-def add_log_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The log flags every long-running subcommand shares."""
-    parser.add_argument(
-        "--log-format", choices=LOG_FORMATS, default="text", help="text (key=value) or json"
-    )
-    parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="lowest level logged"
-    )
-
-
-def _csv(value: str | None) -> tuple[str, ...]:
-    if not value:
-        return ()
-    return tuple(part.strip() for part in value.split(",") if part.strip())
-
-
-def add_tenancy_arguments(parser: argparse.ArgumentParser) -> None:
-    """Tenancy flags shared by `serve` and `reloader`."""
-    g = parser.add_argument_group("tenancy (routes from the cluster)")
-    g.add_argument(
-        "--kubeconfig",
-        type=Path,
-        help="kubeconfig file; default as kubectl: $KUBECONFIG, in-cluster, ~/.kube/config",
-    )
-    g.add_argument(
-        "--namespace-selector",
-        help="label selector limiting the namespaces considered (e.g. 'tenancy.io/managed=true')",
-    )
-    g.add_argument(
-        "--tenant-strategies",
-        default=",".join(STRATEGIES),
-        help="comma list of namespace->tenant strategies tried in order: hnc, label, pattern",
-    )
-    g.add_argument(
-        "--tenant-root-label",
-        default=DEFAULT_TENANT_ROOT_LABEL,
-        help="hnc strategy: KEY=VALUE label marking a tenant root namespace",
-    )
-    g.add_argument(
-        "--tenant-label", help="label strategy: namespace label KEY whose value names the tenant"
-    )
-    g.add_argument(
-        "--tenant-pattern",
-        default=DEFAULT_TENANT_PATTERN,
-        help="pattern strategy: regular expression on the namespace name with a 'tenant' group; "
-        "the default names a tenant after its root namespace, as hnc does (tenant-a, "
-        "tenant-a--dev -> tenant-a)",
-    )
-    g.add_argument(
-        "--upstream-service-selector",
-        default=DEFAULT_UPSTREAM_SERVICE_SELECTOR,
-        help="label selector of each tenant's KEDA metrics apiserver Service",
-    )
-    g.add_argument(
-        "--upstream-template",
-        help="tenant upstream URL template instead of Service discovery, e.g. "
-        f"'{DEFAULT_UPSTREAM_TEMPLATE_EXAMPLE}'",
-    )
-
-
-def tenancy_from_args(args: argparse.Namespace, errors: list[str]) -> TenancySettings:
-    strategies = _csv(args.tenant_strategies)
-    for s in strategies:
-        if s not in STRATEGIES:
-            errors.append(
-                f"--tenant-strategies: unknown strategy {s!r} (want {', '.join(STRATEGIES)})"
-            )
-    if not strategies:
-        errors.append("--tenant-strategies: at least one strategy is required")
-    if (
-        "label" in strategies
-        and not args.tenant_label
-        and args.tenant_strategies != ",".join(STRATEGIES)
-    ):
-        errors.append("--tenant-strategies includes 'label' but --tenant-label is not set")
-    key, sep, value = str(args.tenant_root_label).partition("=")
-    if not sep or not key:
-        errors.append(f"--tenant-root-label: want KEY=VALUE, got {args.tenant_root_label!r}")
-    try:
-        compiled = re.compile(args.tenant_pattern)
-        if "tenant" not in compiled.groupindex:
-            errors.append("--tenant-pattern: the expression needs a named group 'tenant'")
-    except re.error as exc:
-        errors.append(f"--tenant-pattern: invalid regular expression: {exc}")
-    template = args.upstream_template
-    if template is not None:
-        if "{tenant}" not in template:
-            errors.append("--upstream-template: must contain '{tenant}'")
-        if not template.startswith("https://"):
-            errors.append("--upstream-template: must be an https:// URL")
-    return TenancySettings(
-        strategies=strategies,
-        tenant_root_label=(key, value),
-        tenant_label=args.tenant_label,
-        tenant_pattern=args.tenant_pattern,
-        namespace_selector=args.namespace_selector,
-        upstream_service_selector=args.upstream_service_selector,
-        upstream_template=template,
-    )
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -387,22 +259,6 @@ def limits_from_args(args: argparse.Namespace, errors: list[str]) -> Limits:
     )
 
 
-def _need_file(errors: list[str], flag: str, value: Path | None) -> None:
-    if value is None:
-        errors.append(f"{flag} is required")
-    elif not value.is_file():
-        errors.append(f"{flag}: {value} is not a readable file")
-
-
-def _host_port(value: str, flag: str, errors: list[str]) -> str | None:
-    try:
-        parsed = parse_host_port(value)
-    except ValueError as exc:
-        errors.append(f"{flag}: {exc}")
-        return None
-    return None if parsed is None else value
-
-
 def requestheader_from_args(args: argparse.Namespace) -> tuple[RequestHeaderSettings, bool]:
     """The --requestheader-* flags as settings (defaults for those not given), and whether any
     was given: then the extension-apiserver-authentication ConfigMap is not consulted."""
@@ -416,11 +272,11 @@ def requestheader_from_args(args: argparse.Namespace) -> tuple[RequestHeaderSett
     )
     settings = RequestHeaderSettings(
         client_ca_file=args.requestheader_client_ca_file,
-        allowed_names=_csv(args.requestheader_allowed_names),
-        username_headers=_csv(args.requestheader_username_headers) or DEFAULT_USERNAME_HEADERS,
-        uid_headers=_csv(args.requestheader_uid_headers) or DEFAULT_UID_HEADERS,
-        group_headers=_csv(args.requestheader_group_headers) or DEFAULT_GROUP_HEADERS,
-        extra_headers_prefixes=_csv(args.requestheader_extra_headers_prefix)
+        allowed_names=csv(args.requestheader_allowed_names),
+        username_headers=csv(args.requestheader_username_headers) or DEFAULT_USERNAME_HEADERS,
+        uid_headers=csv(args.requestheader_uid_headers) or DEFAULT_UID_HEADERS,
+        group_headers=csv(args.requestheader_group_headers) or DEFAULT_GROUP_HEADERS,
+        extra_headers_prefixes=csv(args.requestheader_extra_headers_prefix)
         or DEFAULT_EXTRA_PREFIXES,
     )
     return settings, any(v is not None for v in given)
@@ -429,18 +285,18 @@ def requestheader_from_args(args: argparse.Namespace) -> tuple[RequestHeaderSett
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     """Validate and complete `serve` options; raise ConfigError listing every problem."""
     errors: list[str] = []
-    _need_file(errors, "--tls-cert-file", args.tls_cert_file)
-    _need_file(errors, "--tls-private-key-file", args.tls_private_key_file)
-    _need_file(errors, "--proxy-client-cert-file", args.proxy_client_cert_file)
-    _need_file(errors, "--proxy-client-key-file", args.proxy_client_key_file)
+    need_file(errors, "--tls-cert-file", args.tls_cert_file)
+    need_file(errors, "--tls-private-key-file", args.tls_private_key_file)
+    need_file(errors, "--proxy-client-cert-file", args.proxy_client_cert_file)
+    need_file(errors, "--proxy-client-key-file", args.proxy_client_key_file)
     if args.upstream_ca_file is not None:
-        _need_file(errors, "--upstream-ca-file", args.upstream_ca_file)
+        need_file(errors, "--upstream-ca-file", args.upstream_ca_file)
     if args.routes_file is not None:
-        _need_file(errors, "--routes-file", args.routes_file)
+        need_file(errors, "--routes-file", args.routes_file)
         if args.kubeconfig is not None:
             errors.append("--routes-file and --kubeconfig are mutually exclusive")
     if args.kubeconfig is not None:
-        _need_file(errors, "--kubeconfig", args.kubeconfig)
+        need_file(errors, "--kubeconfig", args.kubeconfig)
     if not 0 <= args.secure_port <= 65535:
         errors.append(f"--secure-port: {args.secure_port} is not a port")
     for flag, value in (
@@ -467,7 +323,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
 
     requestheader, from_flags = requestheader_from_args(args)
     if args.requestheader_client_ca_file is not None:
-        _need_file(errors, "--requestheader-client-ca-file", args.requestheader_client_ca_file)
+        need_file(errors, "--requestheader-client-ca-file", args.requestheader_client_ca_file)
     elif args.routes_file is not None:
         errors.append(
             "--requestheader-client-ca-file is required with --routes-file (outside a cluster "
@@ -477,7 +333,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         errors.append("--requestheader-client-ca-file is required with other --requestheader-*")
     tenancy = tenancy_from_args(args, errors)
     limits = limits_from_args(args, errors)
-    metrics = _host_port(args.metrics_bind_address, "--metrics-bind-address", errors)
+    metrics = host_port(args.metrics_bind_address, "--metrics-bind-address", errors)
     if errors:
         raise ConfigError(errors)
     return ServeConfig(
