@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -214,8 +215,8 @@ class ClusterSource:
                 ) from None
 
     async def stop(self) -> None:
-        """Let the policy loop release its Lease (a standby replica takes over at once), then
-        stop every loop."""
+        """Let the policy loop release its Lease (a standby replica takes over at once), stop
+        every loop, close the API client."""
         if self._policy is not None:
             await self._policy.stop()
             if self._policy_task is not None:
@@ -226,13 +227,317 @@ class ClusterSource:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-    async def close(self) -> None:
         if self.api is not None:
             await self.api.close()
 
 
+class Phase(enum.Enum):
+    """The router's one life-cycle state (readiness follows from it)."""
+
+    STARTING = "starting"  # building the parts; not ready
+    SERVING = "serving"  # ready once the routes source has synced
+    DRAINING = "draining"  # a signal came (or stop began): not ready; the port serves, then drains
+    STOPPED = "stopped"
+
+
+class AggregatorTrust:
+    """What the secure port trusts of the aggregator: the serving certificate and the
+    requestheader CA in one TLS context (validate, then swap), and the identity header names.
+    The ConfigMap (cluster mode) may change both; the files are re-read by the FileWatcher."""
+
+    def __init__(self, config: ServeConfig, metrics: ProxyMetrics, reload_state: ReloadState):
+        self._config = config
+        self._metrics = metrics
+        self._reload_state = reload_state
+        self.settings: RequestHeaderSettings = config.requestheader
+        self.identity = IdentityHeaders.from_settings(config.requestheader)
+        self.serving: tls.ReloadingContext | None = None  # built once the settings are known
+
+    def build(self) -> tls.ReloadingContext:
+        """Load the serving certificate and the CA (once the settings are known)."""
+        try:
+            self.serving = tls.ReloadingContext(
+                "serving", self._source(), _build_serving, expiry_of=("serving", "requestheader-ca")
+            )
+        except tls.TLSFileError as exc:
+            raise StartupError(str(exc)) from exc
+        return self.serving
+
+    def update(self, settings: RequestHeaderSettings) -> None:
+        """New requestheader settings (from the ConfigMap). Before the TLS context is built (the
+        first read, at start), they are simply taken; later they are validated, then applied to
+        new handshakes, and the identity header names to the next request."""
+        if self.serving is None:
+            self.settings = settings
+            self.identity = IdentityHeaders.from_settings(settings)
+            return
+        old = self.settings
+        self.settings = settings
+        try:
+            self.serving.set_source(self._source())
+        except (tls.TLSFileError, StartupError) as exc:
+            self.settings = old
+            self._metrics.reloads.labels("requestheader", "failure").inc()
+            self._reload_state.set("requestheader", False)
+            logger.error(
+                "requestheader settings refused, keeping the last good",
+                extra=logs.fields(source="configmap", error=str(exc)),
+            )
+            return
+        self.identity = IdentityHeaders.from_settings(settings)
+        self._metrics.reloads.labels("requestheader", "success").inc()
+        self._reload_state.set("requestheader", True)
+        names = ",".join(settings.allowed_names) or "(any from the CA)"
+        logger.info("requestheader settings applied", extra=logs.fields(allowed_names=names))
+
+    def _source(self) -> tls.Source:
+        files = {
+            "serving": self._config.tls_cert_file,
+            "serving-key": self._config.tls_private_key_file,
+        }
+        rh = self.settings
+        read_files = tls.read_files(files)
+        if rh.client_ca_file is not None:
+            ca_file = rh.client_ca_file
+
+            def read() -> dict[str, bytes]:
+                return {**read_files(), "requestheader-ca": ca_file.read_bytes()}
+
+            return read
+        pem = rh.client_ca_pem
+        if pem is None:
+            raise StartupError("no requestheader client CA: set --requestheader-client-ca-file")
+
+        def read_with_pem() -> dict[str, bytes]:
+            return {**read_files(), "requestheader-ca": pem}
+
+        return read_with_pem
+
+
+def _build_serving(d: dict[str, bytes]) -> Any:
+    return tls.server_context(d["serving"], d["serving-key"], d["requestheader-ca"])
+
+
+def load_client_tls(config: ServeConfig) -> tls.ReloadingContext:
+    """The router's own client certificate (and the upstream CA) for its upstream calls."""
+    files = {
+        "proxy-client": config.proxy_client_cert_file,
+        "proxy-client-key": config.proxy_client_key_file,
+    }
+    if config.upstream_ca_file is not None:
+        files["upstream-ca"] = config.upstream_ca_file
+    try:
+        return tls.ReloadingContext(
+            "proxy-client",
+            tls.read_files(files),
+            lambda d: tls.client_context(
+                d["proxy-client"], d["proxy-client-key"], d.get("upstream-ca")
+            ),
+            expiry_of=("proxy-client", "upstream-ca"),
+        )
+    except tls.TLSFileError as exc:
+        raise StartupError(str(exc)) from exc
+
+
+class SecurePort:
+    """The secure port: the strict HTTP/1.1 server, the request path (Proxy) behind it, and the
+    upstream client it forwards with. Built before it listens, so that route swaps can close the
+    pools of upstreams that left the table from the first one on."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        live: LiveRoutes,
+        metrics: ProxyMetrics,
+        trust: AggregatorTrust,
+        client_tls: tls.ReloadingContext,
+        ready: Callable[[], bool],
+    ) -> None:
+        self._config = config
+        self.port = 0
+        self.client = UpstreamClient(
+            lambda: client_tls.context,
+            timeout=config.upstream_timeout,
+            connect_timeout=config.upstream_connect_timeout,
+            max_idle_per_upstream=config.max_idle_connections_per_upstream,
+            limits=config.limits,
+            own_certificate_expiry=lambda: client_tls.expiry.get("proxy-client"),
+        )
+        proxy = Proxy(
+            routes=live,
+            client=self.client,
+            identity=lambda: trust.identity,
+            metrics=metrics,
+            max_inflight_per_tenant=config.max_inflight_per_tenant,
+            ready=ready,
+            resumed_peer_ok=tls.ResumedPeerVerifier(
+                lambda: _built(trust).loaded_bytes("requestheader-ca")
+            ),
+            stale_settings=config.stale,
+            access_log=config.limits.access_log,
+        )
+        self.server = ProxyServer(
+            proxy,
+            metrics,
+            limits=config.limits,
+            access_log=proxy.log_access if config.limits.access_log else None,
+        )
+        self._trust = trust
+        self._listening = False
+
+    async def listen(self, *, reuse_port: bool) -> None:
+        cfg = self._config
+        trust = self._trust
+        try:
+            await self.server.start(
+                cfg.bind_address,
+                cfg.secure_port,
+                tls.listening_context(lambda: _built(trust).context),
+                reuse_port=reuse_port,
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {cfg.bind_address}:{cfg.secure_port}: {exc.strerror}"
+            ) from exc
+        self._listening = True
+        self.port = self.server.port
+
+    async def drain(self) -> None:
+        """Close the listener and idle connections, let requests in flight finish within
+        --shutdown-grace-period, then abort what is left."""
+        if self._listening:
+            await self.server.stop(self._config.shutdown_grace_period)
+
+    async def close_client(self) -> None:
+        await self.client.close()
+
+
+def _built(trust: AggregatorTrust) -> tls.ReloadingContext:
+    assert trust.serving is not None  # the port listens only once it is built
+    return trust.serving
+
+
+class MetricsPort:
+    """The plain-HTTP port for /metrics, /routes and the health endpoints."""
+
+    def __init__(
+        self,
+        address: str,
+        view: Callable[[], CollectorRegistry],
+        live: LiveRoutes,
+        ready: Callable[[], bool],
+    ) -> None:
+        self._address = address
+        self._ready = ready
+        app = web.Application()
+        app.router.add_get("/metrics", metrics_handler(view))
+        app.router.add_get("/routes", routes_handler(live))
+        for path in ("/healthz", "/livez", "/readyz"):
+            app.router.add_get(path, self._health)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._set_up = False
+        self.port = 0
+
+    async def start(self) -> None:
+        parsed = parse_host_port(self._address)
+        assert parsed is not None  # "0" (disabled) never gets here
+        host, port = parsed
+        await self._runner.setup()
+        self._set_up = True
+        site = web.TCPSite(self._runner, host or None, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {self._address} for metrics: {exc.strerror}"
+            ) from exc
+        self.port = self._runner.addresses[0][1]
+
+    async def close(self) -> None:
+        if self._set_up:
+            await self._runner.cleanup()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if request.path == "/readyz" and not self._ready():
+            return web.Response(status=503, text="not ready\n")
+        return web.Response(text="ok\n")
+
+
+class FileWatcher:
+    """Re-reads the certificates (serving + requestheader CA, proxy client + upstream CA) and the
+    routes file when they change on disk: validate, then swap; keep the last good. Exports the
+    certificates' expiry at every pass (a certificate in force drifts into the warning window)."""
+
+    def __init__(
+        self,
+        holders: Sequence[tls.ReloadingContext],
+        routes_file: RoutesFile | None,
+        *,
+        interval: float,
+        metrics: ProxyMetrics,
+        reload_state: ReloadState,
+        expiry_warnings: ExpiryWarnings,
+    ) -> None:
+        self._holders = tuple(holders)
+        self._routes_file = routes_file
+        self._interval = interval
+        self._metrics = metrics
+        self._reload_state = reload_state
+        self._expiry_warnings = expiry_warnings
+        self._errors = {h.name: logs.ChangeLogger(logger) for h in self._holders}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="watch-files")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.check()
+
+    def check(self) -> None:
+        """One pass: reload whatever changed on disk (validate first, keep the last good)."""
+        if self._routes_file is not None:
+            self._routes_file.load()
+        for holder in self._holders:
+            if not holder.changed():
+                continue
+            try:
+                holder.reload()
+            except tls.TLSFileError as exc:
+                # The bad file is re-checked at every pass: log and count it when it changes.
+                if self._errors[holder.name].report(
+                    f"{holder.name} refused, keeping the last good",
+                    source=holder.name,
+                    error=str(exc),
+                ):
+                    self._metrics.reloads.labels(holder.name, "failure").inc()
+                self._reload_state.set(holder.name, False)
+                continue
+            self._errors[holder.name].clear()
+            self._metrics.reloads.labels(holder.name, "success").inc()
+            self._reload_state.set(holder.name, True)
+            logger.info("%s reloaded", holder.name, extra=logs.fields(source=holder.name))
+        self.export_expiry()
+
+    def export_expiry(self) -> None:
+        for holder in self._holders:
+            for name, when in holder.expiry.items():
+                self._metrics.cert_expiry.labels(name).set(when.timestamp())
+                self._expiry_warnings.check(name, when)
+
+
 class Router:
+    """The composition root of `serve`: builds each part once, starts them in order, and stops
+    them in the drain order (``stop``)."""
+
     def __init__(
         self,
         config: ServeConfig,
@@ -244,33 +549,15 @@ class Router:
     ) -> None:
         """``policy``: the settings of the NetworkPolicy loop (cluster mode only), or None."""
         self.config = config
-        self._policy_settings = policy
-        self._cluster: ClusterSource | None = None
-        self.registry = registry or CollectorRegistry()
-        self._metrics_view = metrics_registry_view or (lambda: self.registry)
-        self.metrics = ProxyMetrics(self.registry)
-        self.live = LiveRoutes()
-        self.live.on_swap(self._on_swap)
+        self.phase = Phase.STARTING
         self._reuse_port = reuse_port
-        self._requestheader: RequestHeaderSettings = config.requestheader
-        self._identity = IdentityHeaders.from_settings(config.requestheader)
-        self._serving: tls.ReloadingContext | None = None
-        self._client_tls: tls.ReloadingContext | None = None
-        self._client: UpstreamClient | None = None
-        self._server: ProxyServer | None = None
-        self._metrics_runner: web.AppRunner | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._routes_file: RoutesFile | None = None
-        self._stopping = False  # stop() has begun
-        self._draining = False  # a signal came: /readyz fails, the port still serves
-        self._started = False
-        self._tls_errors: dict[str, logs.ChangeLogger] = {}
+        self._policy_settings = policy
+        self.registry = registry or CollectorRegistry()
+        self.metrics = ProxyMetrics(self.registry)
         self.expiry_warnings = ExpiryWarnings(self.registry, config.certificate_expiry_warning)
         self.reload_state = ReloadState(self.registry)
-        self.on_second_signal: Callable[[int], None] = _second_signal_exit
-        self._signalled: asyncio.Event | None = None
-        self.port = 0
-        self.metrics_port = 0
+        self.live = LiveRoutes()
+        self.live.on_swap(self._on_swap)
         self.default_upstream: Upstream | None = None
         if config.default_upstream:
             try:
@@ -279,106 +566,90 @@ class Router:
                 )
             except RoutesError as exc:
                 raise StartupError(f"--default-upstream: {exc}") from exc
+        self._trust = AggregatorTrust(config, self.metrics, self.reload_state)
+        self._metrics_port: MetricsPort | None = None
+        if config.metrics_bind_address is not None:
+            view = metrics_registry_view or (lambda: self.registry)
+            self._metrics_port = MetricsPort(
+                config.metrics_bind_address, view, self.live, lambda: self.ready
+            )
+        # Built by start(), in this order; stop() takes them down in the drain order.
+        self._secure: SecurePort | None = None
+        self._routes: RoutesFile | ClusterSource | None = None
+        self._watcher: FileWatcher | None = None
+        self._stop_lock = asyncio.Lock()
+        self.on_second_signal: Callable[[int], None] = _second_signal_exit
+        self._signalled: asyncio.Event | None = None
+
+    @property
+    def port(self) -> int:
+        return self._secure.port if self._secure is not None else 0
+
+    @property
+    def metrics_port(self) -> int:
+        return self._metrics_port.port if self._metrics_port is not None else 0
 
     # ---- life cycle -------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        synced = self._cluster.synced() if self._cluster is not None else True
-        return not self._stopping and not self._draining and synced
+        if self.phase is not Phase.SERVING:
+            return False
+        return not isinstance(self._routes, ClusterSource) or self._routes.synced()
 
     async def start(self) -> None:
+        """Build and start the parts: the upstream side, the routes source (with the cluster,
+        also the requestheader settings' first read), the aggregator's trust, the secure port,
+        the metrics port, the file watcher. Raises StartupError; then call stop()."""
         cfg = self.config
-        try:
-            self._client_tls = tls.ReloadingContext(
-                "proxy-client",
-                tls.read_files(self._client_files()),
-                lambda d: tls.client_context(
-                    d["proxy-client"], d["proxy-client-key"], d.get("upstream-ca")
-                ),
-                expiry_of=("proxy-client", "upstream-ca"),
-            )
-        except tls.TLSFileError as exc:
-            raise StartupError(str(exc)) from exc
+        client_tls = load_client_tls(cfg)
+        self._secure = SecurePort(
+            cfg,
+            live=self.live,
+            metrics=self.metrics,
+            trust=self._trust,
+            client_tls=client_tls,
+            ready=lambda: self.ready,
+        )
+        routes_file: RoutesFile | None = None
         if cfg.routes_file is not None:
-            self._routes_file = RoutesFile(
+            self._routes = routes_file = RoutesFile(
                 cfg.routes_file, self.live, self.default_upstream, self.metrics, self.reload_state
             )
-            self._routes_file.load(initial=True)
+            routes_file.load(initial=True)
         else:
-            self._cluster = ClusterSource(
+            self._routes = ClusterSource(
                 cfg,
                 self._policy_settings,
                 self.registry,
                 self.live,
                 self.default_upstream,
-                self._on_configmap,
+                self._trust.update,
             )
-            await self._cluster.start()
-        try:
-            self._serving = tls.ReloadingContext(
-                "serving",
-                self._serving_source(),
-                self._build_serving,
-                expiry_of=("serving", "requestheader-ca"),
-            )
-        except tls.TLSFileError as exc:
-            raise StartupError(str(exc)) from exc
-        self._export_expiry()
+            await self._routes.start()
+        serving = self._trust.build()
+        self._watcher = FileWatcher(
+            (serving, client_tls),
+            routes_file,
+            interval=cfg.file_check_interval,
+            metrics=self.metrics,
+            reload_state=self.reload_state,
+            expiry_warnings=self.expiry_warnings,
+        )
+        self._watcher.export_expiry()
         for source in ("serving", "proxy-client", "routes" if cfg.routes_file else "requestheader"):
             self.reload_state.set(source, True)
-
-        client_tls = self._client_tls
-        self._client = UpstreamClient(
-            lambda: client_tls.context,
-            timeout=cfg.upstream_timeout,
-            connect_timeout=cfg.upstream_connect_timeout,
-            max_idle_per_upstream=cfg.max_idle_connections_per_upstream,
-            limits=cfg.limits,
-            own_certificate_expiry=lambda: client_tls.expiry.get("proxy-client"),
-        )
-        serving = self._serving
-        proxy = Proxy(
-            routes=self.live,
-            client=self._client,
-            identity=lambda: self._identity,
-            metrics=self.metrics,
-            max_inflight_per_tenant=cfg.max_inflight_per_tenant,
-            ready=lambda: self.ready,
-            resumed_peer_ok=tls.ResumedPeerVerifier(
-                lambda: serving.loaded_bytes("requestheader-ca")
-            ),
-            stale_settings=cfg.stale,
-            access_log=cfg.limits.access_log,
-        )
-        self._server = ProxyServer(
-            proxy,
-            self.metrics,
-            limits=cfg.limits,
-            access_log=proxy.log_access if cfg.limits.access_log else None,
-        )
-        try:
-            await self._server.start(
-                cfg.bind_address,
-                cfg.secure_port,
-                tls.listening_context(lambda: serving.context),
-                reuse_port=self._reuse_port,
-            )
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {cfg.bind_address}:{cfg.secure_port}: {exc.strerror}"
-            ) from exc
-        self.port = self._server.port
-        if cfg.metrics_bind_address is not None:
-            await self._start_metrics(cfg.metrics_bind_address)
-        self._tasks.append(asyncio.create_task(self._watch_files(), name="watch-files"))
-        self._started = True
+        await self._secure.listen(reuse_port=self._reuse_port)
+        if self._metrics_port is not None:
+            await self._metrics_port.start()
+        self._watcher.start()
+        self.phase = Phase.SERVING
         logger.info("serving", extra=logs.fields(**self.startup_fields()))
 
     def startup_fields(self) -> dict[str, Any]:
         """What an operator checks first: version, addresses, trust sources, routes source."""
         cfg = self.config
-        rh = self._requestheader
+        rh = self._trust.settings
         if rh.client_ca_file is not None:
             requestheader_ca = f"file:{rh.client_ca_file}"
         else:
@@ -386,7 +657,8 @@ class Router:
         if cfg.routes_file is not None:
             routes = f"file:{cfg.routes_file}"
         else:
-            routes = f"cluster:{self._cluster.source if self._cluster else 'unknown'}"
+            source = self._routes.source if isinstance(self._routes, ClusterSource) else "unknown"
+            routes = f"cluster:{source}"
         return {
             "port": self.port,
             "metrics_port": self.metrics_port or "off",
@@ -403,35 +675,34 @@ class Router:
         }
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within the grace period, clean up."""
-        if self._stopping:
-            return
-        self._stopping = True
-        if self._cluster is not None:
-            await self._cluster.stop()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._server is not None:
-            # Closes the listener and idle connections, lets requests in flight finish within
-            # the grace period, then aborts what is left.
-            await self._server.stop(self.config.shutdown_grace_period)
-        if self._client is not None:
-            await self._client.close()
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
-        if self._cluster is not None:
-            await self._cluster.close()
-        if self._started:  # a failed start logs its error, not "stopped"
-            logger.info("stopped")
+        """The drain order, written once (the parts a failed start did not build are skipped):
+        /readyz fails; the secure port stops accepting and lets requests in flight finish within
+        --shutdown-grace-period; the upstream client closes; the file watcher stops; the cluster
+        loops stop (the policy loop first releases its Lease, so a standby takes over at once);
+        the metrics port closes last. A second call waits for the first."""
+        async with self._stop_lock:
+            if self.phase is Phase.STOPPED:
+                return
+            served = self.phase is not Phase.STARTING  # a failed start logs its error only
+            self.phase = Phase.DRAINING
+            if self._secure is not None:
+                await self._secure.drain()
+                await self._secure.close_client()
+            if self._watcher is not None:
+                await self._watcher.stop()
+            if isinstance(self._routes, ClusterSource):
+                await self._routes.stop()
+            if self._metrics_port is not None:
+                await self._metrics_port.close()
+            self.phase = Phase.STOPPED
+            if served:
+                logger.info("stopped")
 
     async def shutdown(self) -> None:
         """Roll-out friendly stop: /readyz fails at once, the secure port keeps serving for
-        --shutdown-delay-duration (until every endpoint list has dropped this pod), then the
-        listener closes and requests in flight get --shutdown-grace-period."""
-        self._draining = True
+        --shutdown-delay-duration (until every endpoint list has dropped this pod), then
+        ``stop`` drains in order."""
+        self.phase = Phase.DRAINING
         delay = self.config.shutdown_delay_duration
         logger.info(
             "shutting down",
@@ -474,150 +745,22 @@ class Router:
                 loop.remove_signal_handler(sig)
         return 0
 
-    # ---- TLS --------------------------------------------------------------------------------
+    # ---- what the tests and the ConfigMap follower drive ------------------------------------
 
-    def _client_files(self) -> dict[str, Path]:
-        files = {
-            "proxy-client": self.config.proxy_client_cert_file,
-            "proxy-client-key": self.config.proxy_client_key_file,
-        }
-        if self.config.upstream_ca_file is not None:
-            files["upstream-ca"] = self.config.upstream_ca_file
-        return files
-
-    def _serving_source(self) -> tls.Source:
-        files = {
-            "serving": self.config.tls_cert_file,
-            "serving-key": self.config.tls_private_key_file,
-        }
-        rh = self._requestheader
-        read_files = tls.read_files(files)
-        if rh.client_ca_file is not None:
-            ca_file = rh.client_ca_file
-
-            def read() -> dict[str, bytes]:
-                return {**read_files(), "requestheader-ca": ca_file.read_bytes()}
-
-            return read
-        pem = rh.client_ca_pem
-        if pem is None:
-            raise StartupError("no requestheader client CA: set --requestheader-client-ca-file")
-
-        def read_with_pem() -> dict[str, bytes]:
-            return {**read_files(), "requestheader-ca": pem}
-
-        return read_with_pem
-
-    @staticmethod
-    def _build_serving(d: dict[str, bytes]) -> Any:
-        return tls.server_context(d["serving"], d["serving-key"], d["requestheader-ca"])
-
-    def _export_expiry(self) -> None:
-        for holder in (self._serving, self._client_tls):
-            if holder is None:
-                continue
-            for name, when in holder.expiry.items():
-                self.metrics.cert_expiry.labels(name).set(when.timestamp())
-                self.expiry_warnings.check(name, when)
+    def check_files(self) -> None:
+        """One pass of the file watcher (the watcher runs it every --file-check-interval)."""
+        if self._watcher is not None:
+            self._watcher.check()
 
     def set_requestheader(self, settings: RequestHeaderSettings) -> None:
-        """New requestheader settings (from the ConfigMap): validate, then apply to new
-        handshakes; identity header names apply to the next request."""
-        old = self._requestheader
-        self._requestheader = settings
-        if self._serving is not None:
-            try:
-                self._serving.set_source(self._serving_source())
-            except (tls.TLSFileError, StartupError) as exc:
-                self._requestheader = old
-                self.metrics.reloads.labels("requestheader", "failure").inc()
-                self.reload_state.set("requestheader", False)
-                logger.error(
-                    "requestheader settings refused, keeping the last good",
-                    extra=logs.fields(source="configmap", error=str(exc)),
-                )
-                return
-        self._identity = IdentityHeaders.from_settings(settings)
-        self.metrics.reloads.labels("requestheader", "success").inc()
-        self.reload_state.set("requestheader", True)
-        names = ",".join(settings.allowed_names) or "(any from the CA)"
-        logger.info("requestheader settings applied", extra=logs.fields(allowed_names=names))
-
-    # ---- routes -----------------------------------------------------------------------------
+        """New requestheader settings (from the ConfigMap): validate, then apply."""
+        self._trust.update(settings)
 
     def _on_swap(self, table: RouteTable) -> None:
         self.metrics.routes.set(table.namespace_count)
         self.metrics.tenants.set(len(table.tenants))
-        if self._client is not None:
-            self._client.forget(table.upstreams())
-
-    def _on_configmap(self, settings: RequestHeaderSettings) -> None:
-        if self._serving is None:
-            self._requestheader = settings  # first read, before the server is built
-            self._identity = IdentityHeaders.from_settings(settings)
-        else:
-            self.set_requestheader(settings)
-
-    # ---- file watching ----------------------------------------------------------------------
-
-    async def _watch_files(self) -> None:
-        interval = self.config.file_check_interval
-        while True:
-            await asyncio.sleep(interval)
-            self.check_files()
-
-    def check_files(self) -> None:
-        """One pass: reload whatever changed on disk (validate first, keep the last good)."""
-        if self._routes_file is not None:
-            self._routes_file.load()
-        for holder in (self._serving, self._client_tls):
-            if holder is None or not holder.changed():
-                continue
-            try:
-                holder.reload()
-            except tls.TLSFileError as exc:
-                # The bad file is re-checked at every pass: log and count it when it changes.
-                errors = self._tls_errors.setdefault(holder.name, logs.ChangeLogger(logger))
-                if errors.report(
-                    f"{holder.name} refused, keeping the last good",
-                    source=holder.name,
-                    error=str(exc),
-                ):
-                    self.metrics.reloads.labels(holder.name, "failure").inc()
-                self.reload_state.set(holder.name, False)
-                continue
-            if holder.name in self._tls_errors:
-                self._tls_errors[holder.name].clear()
-            self.metrics.reloads.labels(holder.name, "success").inc()
-            self.reload_state.set(holder.name, True)
-            logger.info("%s reloaded", holder.name, extra=logs.fields(source=holder.name))
-        # Also without a reload: a certificate in force drifts into the warning window.
-        self._export_expiry()
-
-    # ---- metrics port -----------------------------------------------------------------------
-
-    async def _start_metrics(self, address: str) -> None:
-        parsed = parse_host_port(address)
-        assert parsed is not None  # "0" (disabled) never gets here
-        host, port = parsed
-        app = web.Application()
-        app.router.add_get("/metrics", metrics_handler(self._metrics_view))
-        app.router.add_get("/routes", routes_handler(self.live))
-        for path in ("/healthz", "/livez", "/readyz"):
-            app.router.add_get(path, self._health_handler)
-        self._metrics_runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await self._metrics_runner.setup()
-        site = web.TCPSite(self._metrics_runner, host or None, port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {address} for metrics: {exc.strerror}") from exc
-        self.metrics_port = self._metrics_runner.addresses[0][1]
-
-    async def _health_handler(self, request: web.Request) -> web.Response:
-        if request.path == "/readyz" and not self.ready:
-            return web.Response(status=503, text="not ready\n")
-        return web.Response(text="ok\n")
+        if self._secure is not None:
+            self._secure.client.forget(table.upstreams())
 
 
 def _home() -> Path | None:
