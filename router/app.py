@@ -534,6 +534,40 @@ class FileWatcher:
                 self._expiry_warnings.check(name, when)
 
 
+class Signals:
+    """SIGTERM and SIGINT on the running loop: the first sets ``first``; a second calls
+    ``on_second`` (by default: exit at once, as kube-apiserver does)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, on_second: Callable[[int], None] = _second_signal_exit) -> None:
+        self.first = asyncio.Event()
+        self._on_second = on_second
+        self._installed = False
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        self._installed = True
+        loop = asyncio.get_running_loop()
+        for sig in self.SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, int(sig))
+
+    def remove(self) -> None:
+        if not self._installed:
+            return
+        self._installed = False
+        loop = asyncio.get_running_loop()
+        for sig in self.SIGNALS:
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self, signum: int) -> None:
+        if self.first.is_set():
+            self._on_second(signum)
+            return
+        self.first.set()
+
+
 class Router:
     """The composition root of `serve`: builds each part once, starts them in order, and stops
     them in the drain order (``stop``)."""
@@ -578,8 +612,7 @@ class Router:
         self._routes: RoutesFile | ClusterSource | None = None
         self._watcher: FileWatcher | None = None
         self._stop_lock = asyncio.Lock()
-        self.on_second_signal: Callable[[int], None] = _second_signal_exit
-        self._signalled: asyncio.Event | None = None
+        self._signals = Signals()
 
     @property
     def port(self) -> int:
@@ -719,30 +752,16 @@ class Router:
         """Take SIGTERM/SIGINT from now on (call before start(): a signal that arrives while
         starting is honoured once started, not fatal): the first begins shutdown(), a second
         exits at once."""
-        if self._signalled is not None:
-            return
-        signalled = self._signalled = asyncio.Event()
-
-        def on_signal(signum: int) -> None:
-            if signalled.is_set():
-                self.on_second_signal(signum)
-                return
-            signalled.set()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, int(sig))
+        self._signals.install()
 
     async def run_until_signalled(self) -> int:
-        self.handle_signals()
-        assert self._signalled is not None
+        """Serve until the first SIGTERM/SIGINT, then shut down (delay, then the drain order)."""
+        self._signals.install()
         try:
-            await self._signalled.wait()
+            await self._signals.first.wait()
             await self.shutdown()
         finally:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            self._signals.remove()
         return 0
 
     # ---- what the tests and the ConfigMap follower drive ------------------------------------
