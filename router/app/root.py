@@ -44,7 +44,7 @@ from router.settings.serve import RequestHeaderSettings, ServeConfig
 if TYPE_CHECKING:
     from router.cluster.policy_loop import PolicySync, PolicySyncSettings  # loaded when used
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("router.app")  # the name operators filter on
 
 
 class StartupError(Exception):

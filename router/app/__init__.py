@@ -1,0 +1,6 @@
+"""The composition root of `metrics-router serve` (router.app.root.Router) and the parts it
+builds, one job each."""
+
+from router.app.root import Router, StartupError
+
+__all__ = ["Router", "StartupError"]
