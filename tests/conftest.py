@@ -38,7 +38,7 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.app import Router
-from router.cli.options import add_serve_arguments, serve_config_from_args
+from router.cli.serve_options import add_serve_arguments, serve_config_from_args
 from router.cluster import client as kube
 from router.devtools.keda_stub import KedaStub
 from router.devtools.pki import Pki, generate_pki

@@ -27,12 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from router import tls as tlsfiles
-from router.cli.options import (
-    add_serve_arguments,
-    duration,
-    requestheader_from_args,
-    tenancy_from_args,
-)
+from router.cli.options import duration
+from router.cli.serve_options import add_serve_arguments, requestheader_from_args
+from router.cli.tenancy_options import tenancy_from_args
 from router.core.option_values import parse_host_port
 from router.doctor import checks, collect, gather, probes, report
 from router.doctor.snapshot import RequestHeader

@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from router.cli.options import tenancy_from_args
+from router.cli.tenancy_options import tenancy_from_args
 from router.cluster.lease import default_identity
 from router.cluster.policy_loop import PolicySyncSettings
 from router.core.option_values import parse_duration

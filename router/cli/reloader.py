@@ -26,7 +26,8 @@ from prometheus_client import CollectorRegistry
 
 from router import logs
 from router.cli import logs as cli_logs
-from router.cli.options import add_log_arguments, add_tenancy_arguments, tenancy_from_args
+from router.cli.options import add_log_arguments
+from router.cli.tenancy_options import add_tenancy_arguments, tenancy_from_args
 from router.cluster.client import KubeConfigError, api_client
 from router.core.option_values import parse_duration, parse_host_port
 from router.metrics import ReloaderMetrics

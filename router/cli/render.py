@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from router.cli.options import add_tenancy_arguments, tenancy_from_args
+from router.cli.tenancy_options import add_tenancy_arguments, tenancy_from_args
 from router.core import apiservice as apiservice_mod
 from router.core.errors import ConfigError
 from router.core.policy import (

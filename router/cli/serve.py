@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 from router import logs
 from router.app import Router, StartupError
 from router.cli import logs as cli_logs
-from router.cli.options import add_serve_arguments, serve_config_from_args
+from router.cli.serve_options import add_serve_arguments, serve_config_from_args
 from router.core.errors import ConfigError
 from router.settings.serve import ServeConfig
 

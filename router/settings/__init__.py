@@ -1,7 +1,7 @@
 """Frozen settings dataclasses shared by the layers (no argparse: the CLI builds these).
 
 ``TenancySettings`` says how a namespace finds its tenant (the strategies, tried in order)
-and how a tenant finds its upstream. The command line (router.cli.options) builds it.
+and how a tenant finds its upstream. The command line (router.cli.tenancy_options) builds it.
 """
 
 from __future__ import annotations

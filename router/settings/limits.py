@@ -3,7 +3,7 @@
 Named after Go's ``net/http`` (Server ``ReadHeaderTimeout``, ``ReadTimeout``, ``WriteTimeout``,
 ``IdleTimeout``, ``MaxHeaderBytes``; Transport ``TLSHandshakeTimeout``,
 ``MaxResponseHeaderBytes``, ``IdleConnTimeout``), as kube-apiserver operators know them. Each
-field is a `serve` flag of the same name (see router/cli/options.py, ``add_limits_arguments``).
+field is a `serve` flag of the same name (router/cli/serve_options.py, ``add_limits_arguments``).
 
 What one client connection can make the router hold, at most (README, "Limits"):
 ``MAX_PIPELINED`` parsed request heads of at most ``max_header_bytes`` each, plus one answer of

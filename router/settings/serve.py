@@ -1,6 +1,6 @@
 """The `serve` settings: the proxy's identity headers, stale answers and the whole ServeConfig.
 
-Frozen dataclasses only; router.cli.options builds them from the command line.
+Frozen dataclasses only; router.cli.serve_options builds them from the command line.
 """
 
 from __future__ import annotations

@@ -25,7 +25,14 @@ from router.core.version import version
 from router.devtools.keda_stub import KedaStub
 from router.devtools.pki import Pki
 from tests.cli.process import base_args, read_until, run_cli, running_router, with_flag
-from tests.conftest import HPA_IDENTITY, RawConnection, client_ssl_context, metric_path, routes_yaml
+from tests.conftest import (
+    HPA_IDENTITY,
+    RawConnection,
+    StartRouter,
+    client_ssl_context,
+    metric_path,
+    routes_yaml,
+)
 from tests.fakeapi import FakeKube
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
@@ -68,6 +75,27 @@ async def test_sigterm_fails_readyz_keeps_serving_for_the_delay_and_a_second_sig
     assert code == 1, log
     assert "second signal: exiting at once" in log
     assert "Traceback" not in log
+
+
+async def test_metrics_port_says_not_ready_while_the_secure_port_drains_and_closes_last(
+    start_router: StartRouter,
+) -> None:
+    """The drain order: /readyz fails at once; the metrics port stays up (answering 503) while
+    the secure port lets a request in flight finish; it closes only after that."""
+    h = await start_router({"a": ["tenant-a"]})
+    stub = h.stubs["a"]
+    stub.behaviour.hang = True  # the request stays in flight until the stub stops
+    conn = await h.connect()
+    in_flight = asyncio.create_task(conn.request(metric_path("tenant-a"), HPA_IDENTITY))
+    await stub.wait_for_requests(1)
+    stopping = asyncio.create_task(h.router.stop())
+    assert await _get(h.metrics_url + "/readyz") == 503
+    assert not stopping.done()  # still draining: the request is in flight
+    await stub.stop()  # releases the hung request (its upstream connection dropped)
+    assert (await in_flight).status == 502
+    await asyncio.wait_for(stopping, 10)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await _get(h.metrics_url + "/readyz")
 
 
 # --------------------------------------------------------------------------- --workers

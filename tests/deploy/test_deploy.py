@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from router.cli import options as config
+from router.cli import tenancy_options
 from router.core.apiservice import apiservice
 from router.devtools import pki as certs
 from tests.paths import REPO_ROOT
@@ -363,7 +363,7 @@ def test_router_args_parse_and_point_at_mounted_certificates() -> None:
     assert args.kubeconfig is None
     assert args.requestheader_client_ca_file is None
     errors: list[str] = []
-    config.tenancy_from_args(args, errors)
+    tenancy_options.tenancy_from_args(args, errors)
     assert errors == []
 
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -409,7 +409,7 @@ def test_router_rolls_out_without_losing_requests() -> None:
     dep = one(rendered("router"), "Deployment", "metrics-router")
     args, _ = serve_parser().parse_known_args(container(dep)["args"][1:])
     # The default pattern is the convention: deploy/ no longer overrides it.
-    assert args.tenant_pattern == config.DEFAULT_TENANT_PATTERN
+    assert args.tenant_pattern == tenancy_options.DEFAULT_TENANT_PATTERN
     assert args.shutdown_delay_duration >= 5
     pod = dep["spec"]["template"]["spec"]
     needed = args.shutdown_delay_duration + args.shutdown_grace_period
@@ -663,7 +663,7 @@ def test_monitoring_objects_match_the_router_service() -> None:
 def test_hnc_tree() -> None:
     objs = rendered("hnc/tenant-a")
     root = one(objs, "Namespace")
-    key, value = config.DEFAULT_TENANT_ROOT_LABEL.split("=")
+    key, value = tenancy_options.DEFAULT_TENANT_ROOT_LABEL.split("=")
     assert root["metadata"]["labels"][key] == value
     name = root["metadata"]["name"]
     anchors = find(objs, "SubnamespaceAnchor")
@@ -920,7 +920,7 @@ def test_keda_values_trust_the_router() -> None:
     assert values["webhooks"]["enabled"] is False
     # The router's default Service discovery label is derived from operator.name.
     assert f"app.kubernetes.io/name={values['operator']['name']}-metrics-apiserver" == (
-        config.DEFAULT_UPSTREAM_SERVICE_SELECTOR
+        tenancy_options.DEFAULT_UPSTREAM_SERVICE_SELECTOR
     )
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from router.cli.options import serve_config_from_args
+from router.cli.serve_options import serve_config_from_args
 from router.core import stale, tenancy
 from router.core.routes import RoutesError, RouteTable, Tenant, Upstream, parse_routes_file
 from router.devtools.pki import Pki

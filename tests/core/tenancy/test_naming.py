@@ -8,7 +8,7 @@ import re
 
 import yaml
 
-from router.cli import options as config
+from router.cli import tenancy_options
 from router.core.routes import parse_routes_file
 from router.core.tenancy import NamespaceInfo, resolve, tenant_of
 from router.devtools import demo
@@ -29,7 +29,7 @@ def test_default_pattern_names_a_tenant_after_its_root_namespace() -> None:
 
 def test_certs_init_defaults_match_the_template_and_the_pattern() -> None:
     template = TenancySettings(
-        strategies=("pattern",), upstream_template=config.DEFAULT_UPSTREAM_TEMPLATE_EXAMPLE
+        strategies=("pattern",), upstream_template=tenancy_options.DEFAULT_UPSTREAM_TEMPLATE_EXAMPLE
     )
     for tenant in certs.DEFAULT_TENANTS:
         assert tenant_of(NamespaceInfo(tenant), {}, PATTERN) == tenant
