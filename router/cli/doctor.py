@@ -201,9 +201,7 @@ def run(args: argparse.Namespace) -> int:
     metrics_url = metrics_url_for(
         args.metrics_url,
         args.metrics_bind_address,
-        router_is_local=_in_pod()
-        or args.routes_file is not None
-        or args.args_from_pid is not None,
+        router_is_local=_in_pod() or args.routes_file is not None or args.args_from_pid is not None,
     )
     policy_kind = args.network_policy_kind if args.manage_network_policies else "auto"
     try:

@@ -95,8 +95,7 @@ class PkiExistsError(FileExistsError):
         self.directory = directory
         self.existing = tuple(existing)
         super().__init__(
-            f"refusing to overwrite existing PKI files in {directory}: "
-            f"{', '.join(self.existing)}"
+            f"refusing to overwrite existing PKI files in {directory}: {', '.join(self.existing)}"
         )
 
 
