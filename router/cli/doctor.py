@@ -66,9 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--metrics-url",
-        help="the router's metrics endpoint (/metrics, /routes); default in the router's pod "
-        "its --metrics-bind-address on 127.0.0.1, elsewhere the kube-apiserver's services "
-        "proxy to the router Service's port 'metrics'",
+        help="the router's metrics endpoint (/metrics, /routes); default: its "
+        "--metrics-bind-address on 127.0.0.1 when the router runs beside the doctor (in its "
+        "pod, --args-from-pid, --routes-file), else the kube-apiserver's services proxy to the "
+        "router Service's port 'metrics'",
     )
     g.add_argument(
         "--network",
