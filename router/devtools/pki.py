@@ -95,7 +95,8 @@ class PkiExistsError(FileExistsError):
         self.directory = directory
         self.existing = tuple(existing)
         super().__init__(
-            f"refusing to overwrite existing PKI files in {directory}: {', '.join(self.existing)}"
+            f"refusing to overwrite existing PKI files in {directory}: "
+            f"{', '.join(self.existing)} (force=True replaces them)"
         )
 
 
