@@ -59,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         pki = certs.generate_pki(args.dir, args.tenants, force=args.force, days=args.days)
     except certs.PkiExistsError as exc:
-        print(f"metrics-router certs init: {exc}", file=sys.stderr)
+        print(
+            f"metrics-router certs init: refusing to overwrite existing PKI files in "
+            f"{exc.directory}: {', '.join(exc.existing)}; --force replaces them",
+            file=sys.stderr,
+        )
         return 1
     except ValueError as exc:
         print(f"metrics-router certs init: {exc}", file=sys.stderr)

@@ -63,9 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--metrics-url",
-        help="the router's metrics endpoint (/metrics, /routes); default in the router's pod "
-        "its --metrics-bind-address on 127.0.0.1, elsewhere the kube-apiserver's services "
-        "proxy to the router Service's port 'metrics'",
+        help="the router's metrics endpoint (/metrics, /routes); default: its "
+        "--metrics-bind-address on 127.0.0.1 when the router runs beside the doctor (in its "
+        "pod, --args-from-pid, --routes-file), else the kube-apiserver's services proxy to the "
+        "router Service's port 'metrics'",
     )
     g.add_argument(
         "--network",
@@ -123,6 +124,15 @@ def local_metrics_url(bind_address: str) -> str | None:
         return None
     host = address[0] if address[0] not in ("", "0.0.0.0", "::") else "127.0.0.1"
     return f"http://{f'[{host}]' if ':' in host else host}:{address[1]}"
+
+
+def metrics_url_for(given: str | None, bind_address: str, *, router_is_local: bool) -> str | None:
+    """--metrics-url when given; else, when the router runs beside the doctor (in its pod, read
+    with --args-from-pid, or in routes-file mode, where there is no cluster to go through), its
+    --metrics-bind-address on loopback; else None (cluster mode: the services proxy)."""
+    if given is not None:
+        return given
+    return local_metrics_url(bind_address) if router_is_local else None
 
 
 def _in_pod() -> bool:
@@ -186,9 +196,11 @@ def run(args: argparse.Namespace) -> int:
     if mode == "auto":
         mode = "direct" if args.routes_file is not None or _in_pod() else "try"
     network = probes.Network(mode=mode, timeout=args.timeout)
-    metrics_url = args.metrics_url
-    if metrics_url is None and _in_pod():
-        metrics_url = local_metrics_url(args.metrics_bind_address)
+    metrics_url = metrics_url_for(
+        args.metrics_url,
+        args.metrics_bind_address,
+        router_is_local=_in_pod() or args.routes_file is not None or args.args_from_pid is not None,
+    )
     policy_kind = args.network_policy_kind if args.manage_network_policies else "auto"
     try:
         policy_config = gather.load_policy_config(args.policy_config)

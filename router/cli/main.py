@@ -38,11 +38,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, but not for flags without one (None, False)."""
+    """Shows defaults, but not for flags without one (None, False), nor twice: a help text that
+    states its default itself, as an operator writes it ("(default 1m15s)"), keeps only that
+    (the parsed value would read "(default: 75.0)")."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS):
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text:
             return text
         return super()._get_help_string(action) or text
 

@@ -63,11 +63,32 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         help="only the holder of the Lease writes policies (default true; "
         "--leader-elect=false for a single replica)",
     )
-    g.add_argument("--leader-election-namespace", default="metrics-router")
-    g.add_argument("--leader-election-lease-name", default="metrics-router")
-    g.add_argument("--leader-elect-lease-duration", default="15s")
-    g.add_argument("--leader-elect-renew-deadline", default="10s")
-    g.add_argument("--leader-elect-retry-period", default="2s")
+    g.add_argument(
+        "--leader-election-namespace",
+        default="metrics-router",
+        help="namespace of the Lease (default %(default)s)",
+    )
+    g.add_argument(
+        "--leader-election-lease-name",
+        default="metrics-router",
+        help="name of the Lease (default %(default)s)",
+    )
+    g.add_argument(
+        "--leader-elect-lease-duration",
+        default="15s",
+        help="how long a Lease not renewed stays held; standbys wait this long "
+        "(default %(default)s)",
+    )
+    g.add_argument(
+        "--leader-elect-renew-deadline",
+        default="10s",
+        help="the holder steps down when it could not renew for this long (default %(default)s)",
+    )
+    g.add_argument(
+        "--leader-elect-retry-period",
+        default="2s",
+        help="time between attempts to acquire or renew (default %(default)s)",
+    )
 
 
 def policy_settings_from_args(

@@ -29,6 +29,7 @@ from router.cli import logs as cli_logs
 from router.cli.options import add_log_arguments
 from router.cli.tenancy_options import add_tenancy_arguments, tenancy_from_args
 from router.cluster.client import KubeConfigError, api_client
+from router.cluster.kubeconfig import NO_CLUSTER_HINT
 from router.core.option_values import parse_duration, parse_host_port
 from router.metrics import ReloaderMetrics
 from router.reloader.decide import REASONS
@@ -194,11 +195,21 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(main(config))
 
 
+def for_the_reloader(message: str) -> str:
+    """The client-configuration error as the reloader's operator needs it: `serve` can run
+    without a cluster (--routes-file), the reloader cannot, so that hint would mislead."""
+    return message.replace(
+        f"({NO_CLUSTER_HINT})",
+        "(the reloader watches the cluster's namespaces: run it in the KEDA operator's pod, "
+        "or give --kubeconfig)",
+    )
+
+
 async def main(config: ReloaderConfig) -> int:
     try:
         api = await api_client(config.kubeconfig)
     except KubeConfigError as exc:
-        logger.error("%s", exc)
+        logger.error("%s", for_the_reloader(str(exc)))
         return 1
     except Exception as exc:  # e.g. a kubeconfig that is not YAML: a message, not a traceback
         logger.error("cannot load Kubernetes client configuration: %s: %s", type(exc).__name__, exc)

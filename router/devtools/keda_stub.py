@@ -39,6 +39,7 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 
 from router import logs
+from router.core.option_values import parse_duration
 
 logger = logging.getLogger(__name__)
 
@@ -409,6 +410,13 @@ async def serve_forever(stub: KedaStub, host: str = "127.0.0.1", port: int = 0) 
         await stub.stop()
 
 
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m router.devtools.keda_stub",
@@ -423,11 +431,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="metrics-router",
         help="comma-separated allowed client CNs; empty = any (default: %(default)s)",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--value", default="42", help="metric value to answer")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (default 0: the OS picks one)")
+    parser.add_argument("--value", default="42", help="metric value to answer (default 42)")
+    parser.add_argument(
+        "--delay",
+        type=_duration,
+        default=0.0,
+        help="time before each answer, as 500ms, 2s or plain seconds (default 0)",
+    )
     args = parser.parse_args(argv)
+    for flag, path in (("--cert", args.cert), ("--key", args.key), ("--client-ca", args.client_ca)):
+        if not path.is_file():
+            parser.error(f"{flag}: {path} is not a readable file")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     stub = KedaStub(
         tenant=args.tenant,

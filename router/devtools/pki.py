@@ -96,7 +96,7 @@ class PkiExistsError(FileExistsError):
         self.existing = tuple(existing)
         super().__init__(
             f"refusing to overwrite existing PKI files in {directory}: "
-            f"{', '.join(self.existing)} (use --force / force=True to replace them)"
+            f"{', '.join(self.existing)} (force=True replaces them)"
         )
 
 

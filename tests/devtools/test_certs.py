@@ -333,6 +333,8 @@ def test_cli_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["certs", "init", "--dir", str(out_dir), "--tenants", "x,y"]) == 1
     err = capsys.readouterr().err
     assert "refusing to overwrite" in err
+    assert err.rstrip().endswith("; --force replaces them")  # the flag, not the Python API
+    assert "force=True" not in err
     assert "Traceback" not in err
 
     assert cli_main(["certs", "init", "--dir", str(out_dir), "--tenants", "x,y", "--force"]) == 0

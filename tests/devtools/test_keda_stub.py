@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from router.devtools.keda_stub import KedaStub, parse_simple_selector
+from router.devtools.keda_stub import KedaStub, main, parse_simple_selector
 from router.devtools.pki import CertAndKey, Pki, generate_pki, issue_cert
 
 METRIC_PATH = "/apis/external.metrics.k8s.io/v1beta1/namespaces/tenant-a/s0-prometheus"
@@ -327,3 +327,18 @@ async def test_standalone_process(pki: Pki) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_standalone_usage_errors_name_the_flag(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = ["--cert", str(pki.upstream_cert("a")), "--key", str(pki.upstream_key("a"))]
+    missing = tmp_path / "nope.crt"
+    for argv, named in (
+        (["--client-ca", str(missing)], f"--client-ca: {missing} is not a readable file"),
+        (["--client-ca", str(pki.router_client_ca), "--delay", "5sec"], "invalid duration '5sec'"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["--tenant", "tenant-a", *files, *argv])
+        assert exc.value.code == 2
+        assert named in capsys.readouterr().err

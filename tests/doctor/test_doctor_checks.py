@@ -826,6 +826,23 @@ def test_local_metrics_url_follows_the_bind_address(bind: str, url: str | None) 
     assert local_metrics_url(bind) == url
 
 
+@pytest.mark.parametrize(
+    ("given", "local", "url"),
+    [
+        ("http://10.0.0.5:9090", True, "http://10.0.0.5:9090"),
+        ("http://10.0.0.5:9090", False, "http://10.0.0.5:9090"),
+        (None, True, "http://127.0.0.1:9191"),
+        (None, False, None),  # cluster mode from a workstation: the services proxy
+    ],
+)
+def test_metrics_url_is_the_local_bind_address_only_beside_the_router(
+    given: str | None, local: bool, url: str | None
+) -> None:
+    from router.cli.doctor import metrics_url_for
+
+    assert metrics_url_for(given, "0.0.0.0:9191", router_is_local=local) == url
+
+
 def test_the_routers_own_helm_release_is_no_claimant() -> None:
     obj = apiservice()
     obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"

@@ -24,6 +24,7 @@ import yaml
 
 from router.app import Router
 from router.cli import main as cli
+from router.core.version import version
 from router.devtools.keda_stub import KedaStub
 from router.devtools.pki import Pki, generate_pki
 from tests.conftest import routes_yaml, serve_args, serve_config
@@ -442,13 +443,17 @@ async def test_routes_file_mode_skips_the_cluster_checks(install: Install) -> No
         "--proxy-client-cert-file", str(p.router_client_cert),
         "--proxy-client-key-file", str(p.router_client_key),
         "--upstream-ca-file", str(p.upstream_ca),
-        "--metrics-url", f"http://127.0.0.1:{install.router.metrics_port}",
+        # serve's own flag, as pasted from its command line: no --metrics-url needed
+        "--metrics-bind-address", f"127.0.0.1:{install.router.metrics_port}",
     ]  # fmt: skip
 
     code, report = await asyncio.to_thread(_run_cli, ["doctor", *argv])
     assert code == 0, report
     assert "- APIService: skipped: routes-file mode" in report
     assert "\u2713 tenant tenant-b: discovery GET as metrics-router:doctor" in report
+    assert f"\u2713 Router {version()} at http://127.0.0.1:{install.router.metrics_port}" in (
+        report
+    )
 
 
 def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
