@@ -29,7 +29,7 @@ from typing import Any
 from router import paths, stale, status
 from router.config import RequestHeaderSettings, StaleSettings
 from router.http.client import UpstreamClient, UpstreamError, UpstreamResponse
-from router.http.server import Reply, status_reply
+from router.http.server import RateLimitedLog, Reply, status_reply
 from router.live_routes import LiveRoutes
 from router.metrics import ProxyMetrics
 from router.routes import Upstream
@@ -66,6 +66,10 @@ _TLS_CAUSE_TEXT = {
     "unknown-ca": "presented a certificate the router does not trust (unknown authority)",
     "hostname-mismatch": "presented a certificate for another name",
 }
+
+# At most one upstream-error log line per tenant per this many seconds (unless the error's
+# kind or cause changes).
+ERROR_LOG_PERIOD = 10.0
 
 _TEXT_TYPE = b"Content-Type: text/plain; charset=utf-8\r\n"
 
@@ -320,6 +324,9 @@ class Proxy:
         self._gauges: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resumed_peer_ok = resumed_peer_ok
+        # During a tenant's outage every request fails: one line per tenant when its
+        # (kind, cause) changes, else at most one per 10 s with the count suppressed.
+        self._error_log = RateLimitedLog(ERROR_LOG_PERIOD, logger)
         # Last good answers per caller (router/stale.py), following the routes in force.
         self.stale = stale.StaleCache(stale_settings or StaleSettings())
         self._clock: Callable[[], float] = time.monotonic  # ages of remembered answers
@@ -479,10 +486,11 @@ class Proxy:
             if result.cause:
                 self._metrics.upstream_tls_errors.labels(tenant, result.cause).inc()
             self._routes.record_error(tenant, result.kind, result.message)
-            logger.warning(
+            self._error_log(
+                tenant, time.monotonic(),
                 "upstream error tenant=%s namespace=%s upstream=%s kind=%s cause=%s error=%r",
                 tenant, ex.namespace, ex.upstream.url, result.kind, result.cause or "-",
-                result.message,
+                result.message, state=(result.kind, result.cause),
             )  # fmt: skip
             reason = stale.reason_for_error(result.kind)
             reply = self._stale_answer(tenant, ex.stale_key, reason, seconds)

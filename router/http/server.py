@@ -124,25 +124,40 @@ class _DateHeader:
         return self._line
 
 
-class _RateLimitedLog:
-    """At most one log line per key per period; the next line says how many were suppressed."""
+class RateLimitedLog:
+    """At most one log line per key per period; the next line says how many were suppressed.
 
-    def __init__(self, period: float = 10.0) -> None:
+    With ``state`` (for example an upstream error's kind and cause), a key whose state changed
+    logs at once, whatever the period: a new kind of failure is never hidden behind an old one.
+    """
+
+    def __init__(self, period: float = 10.0, log: logging.Logger | None = None) -> None:
         self._period = period
+        self._log = log or logger
         self._last: dict[str, float] = {}
+        self._state: dict[str, object] = {}
         self._suppressed: dict[str, int] = collections.Counter()
 
-    def __call__(self, key: str, now: float, msg: str, *args: object) -> None:
+    def __call__(self, key: str, now: float, msg: str, *args: object, state: object = None) -> None:
         last = self._last.get(key)
-        if last is not None and now - last < self._period:
+        if (
+            last is not None
+            and now - last < self._period
+            and (state is None or self._state.get(key) == state)
+        ):
             self._suppressed[key] += 1
             return
         self._last[key] = now
+        if state is not None:
+            self._state[key] = state
         suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             msg += " (%d similar suppressed)"
             args = (*args, suppressed)
-        logger.warning(msg, *args)
+        self._log.warning(msg, *args)
+
+
+_RateLimitedLog = RateLimitedLog
 
 
 @dataclass(slots=True)
