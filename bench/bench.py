@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import hostile  # noqa: E402  (bench/hostile.py, next to this file)
+import paced  # noqa: E402
 
 BENCH = ROOT / "bench"
 NGINX_DIR = BENCH / "nginx"
@@ -94,7 +95,7 @@ def parse_settings(argv: Sequence[str]) -> Settings:
     p.add_argument("--duration", type=float, help="seconds per ab run (default 5; quick 2)")
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument(
-        "--only", default="", help="comma list of: matrix,scale,isolation,reload,hostile"
+        "--only", default="", help="comma list of: matrix,paced,scale,isolation,reload,hostile"
     )
     p.add_argument(
         "--baseline",
@@ -947,6 +948,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cells = run_matrix(settings, chosen, st.workdir)
             sec = Report()
             verdicts.update(matrix_report(sec, settings, chosen, cells))
+            sections.append(sec)
+        if settings.wants("paced"):  # the fixed-rate point (bench/paced.py)
+            sec = Report()
+            verdicts.update(paced.scenario(st, targets, sec))
             sections.append(sec)
         if settings.wants("isolation"):
             sec = Report()
