@@ -459,15 +459,20 @@ class Proxy:
             loop = self._loop = asyncio.get_running_loop()
         tenant = ex.tenant
         self._inflight[tenant] = self._inflight.get(tenant, 0) + 1
-        gauge = self._gauges.get(tenant)
-        if gauge is None:
-            gauge = self._gauges[tenant] = self._metrics.inflight.labels(tenant)
-        gauge.inc()
+        gauge = self._gauges.get(tenant, False)
+        if gauge is False:
+            inflight = self._inflight
+            gauge = self._gauges[tenant] = self._metrics.track_inflight(
+                tenant, lambda: inflight.get(tenant, 0)
+            )
+        if gauge is not None:  # None: the gauge reads self._inflight when scraped
+            gauge.inc()
         ex.started = loop.time()
 
         def done(result: UpstreamResponse | UpstreamError) -> None:
             self._inflight[tenant] -= 1
-            gauge.dec()
+            if gauge is not None:
+                gauge.dec()
             try:
                 reply = self._relay(ex, result, loop.time() - ex.started)
             except Exception:
