@@ -942,6 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if router_target is not None:
             port = int(router_target.url.split(":")[2].split("/")[0])
             env.append(("router secure port served by", router_server_kind(port)))
+        env.append(("router build", paced.router_build()))
         if settings.wants("matrix"):
             chosen = [t for t in targets if settings.targets is None or t.name in settings.targets]
             log("matrix: " + ", ".join(t.label for t in chosen))

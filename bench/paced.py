@@ -189,6 +189,23 @@ def paced_run(url: str, pem: Any, pid: int, rate: float, duration: float) -> Pac
     )  # fmt: skip
 
 
+def router_build() -> str:
+    """Which build of the router this checkout runs: mypyc-compiled modules (make compile) or
+    pure Python."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    compiled = [
+        name
+        for name in ("router/proxy", "router/http/server", "router/http/client")
+        if any(
+            f.startswith(os.path.basename(name) + ".") and f.endswith(".so")
+            for f in os.listdir(os.path.join(root, os.path.dirname(name)))
+        )
+    ]
+    if not compiled:
+        return "pure Python"
+    return "compiled with mypyc (make compile): " + ", ".join(n + ".py" for n in compiled)
+
+
 def _load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 

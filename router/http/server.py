@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from router import status
 from router.http import tls_errors
@@ -180,6 +181,7 @@ _WATCHED_LENGTHS = frozenset({6, 14, 17})
 _WATCHED_FIRST = b"EeCcTt"
 
 
+@mypyc_attr(native_class=False)  # a list subclass: a plain Python class when compiled
 class _Discard(list[tuple[bytes, bytes]]):
     """Where trailer fields go: nowhere."""
 
@@ -708,7 +710,8 @@ class ProxyServer:
             reuse_port=reuse_port or None,
             backlog=backlog,
         )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        server: Any = self._server  # uvloop's .sockets is a list, typeshed's a tuple
+        self.port = int(server.sockets[0].getsockname()[1])
         self.now = loop.time()
         self._sweeper = asyncio.create_task(self._sweep(), name="connection-deadlines")
 
