@@ -71,6 +71,11 @@ _TLS_CAUSE_TEXT = {
 # kind or cause changes).
 ERROR_LOG_PERIOD = 10.0
 
+# Classifications of request paths remembered (paths.classify is pure): at most this many paths,
+# of at most this many characters each (about 1 MiB at most).
+_TARGET_CACHE_SIZE = 4096
+_TARGET_CACHE_PATH_MAX = 256
+
 _TEXT_TYPE = b"Content-Type: text/plain; charset=utf-8\r\n"
 
 # A client certificate with several CNs: kube-apiserver judges by the last, so the router
@@ -321,6 +326,7 @@ class Proxy:
         self._ready = ready
         self._inflight: dict[str, int] = {}
         self._host_lines: dict[Upstream, bytes] = {}
+        self._targets: dict[str, paths.Target] = {}  # path -> its classification
         self._gauges: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resumed_peer_ok = resumed_peer_ok
@@ -388,7 +394,17 @@ class Proxy:
         cn: str | None,
     ) -> Reply | Exchange:
         path, _, _query = raw_path.partition("?")
-        target = paths.classify(path)
+        target: paths.Target | status.StatusError | None = self._targets.get(path)
+        if target is None:
+            target = paths.classify(path)
+            # The aggregator asks for the same few metric paths again and again: remember
+            # their (immutable) classification; short paths only, and a bounded number.
+            if (
+                not isinstance(target, status.StatusError)
+                and len(path) <= _TARGET_CACHE_PATH_MAX
+                and len(self._targets) < _TARGET_CACHE_SIZE
+            ):
+                self._targets[path] = target
         if not isinstance(target, status.StatusError) and target.kind is paths.Kind.HEALTH:
             return self._health(path, method)
         # Authenticate before anything else, as kube-apiserver does: a caller without a valid

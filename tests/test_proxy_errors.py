@@ -520,3 +520,19 @@ async def test_non_ascii_identity_values_pass_byte_for_byte(start_router: StartR
     # The stub decodes header bytes as latin-1: compare the bytes.
     assert seen.header("X-Remote-User")[0].encode("latin-1") == b"j\xc3\xa9r\xc3\xb4me"
     assert seen.header("X-Remote-Group")[0].encode("latin-1") == b"gr\xfcppe"
+
+
+async def test_remembered_path_classifications_still_route_and_refuse_each_time(
+    start_router: StartRouter,
+) -> None:
+    """The proxy remembers how each metric path classifies: routing, the in-flight limit and
+    refusals still happen on every request."""
+    h = await start_router({"a": ["tenant-a"], "b": ["tenant-b"]})
+    for _ in range(3):
+        assert (await h.request(metric_path("tenant-a"))).status == 200
+        assert (await h.request(metric_path("tenant-a", "s1-other") + "?x=1")).status == 200
+        assert_status(await h.request(metric_path("tenant-zz")), 404, "NotFound")
+        assert_status(await h.request(metric_path("Tenant_A")), 400, "BadRequest")
+    h.write_routes(h.routes_for({"b": ["tenant-b"]}))
+    h.router.check_files()
+    assert_status(await h.request(metric_path("tenant-a")), 404, "NotFound")
