@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import paced  # bench/paced.py, the fixed-rate point
 from harness.common import BENCH, RESULTS, ROOT, log
 from harness.nginx import start_upstreams
 from harness.procstats import Proc, free_port
@@ -76,12 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if router_target is not None:
             port = int(router_target.url.split(":")[2].split("/")[0])
             env.append(("router secure port served by", router_server_kind(port)))
+        env.append(("router build", paced.router_build()))
         if settings.wants("matrix"):
             chosen = [t for t in targets if settings.targets is None or t.name in settings.targets]
             log("matrix: " + ", ".join(t.label for t in chosen))
             cells = run_matrix(settings, chosen, st.workdir)
             sec = Report()
             verdicts.update(matrix_report(sec, settings, chosen, cells))
+            sections.append(sec)
+        if settings.wants("paced"):  # the fixed-rate point (bench/paced.py)
+            sec = Report()
+            verdicts.update(paced.scenario(st, targets, sec))
             sections.append(sec)
         if settings.wants("isolation"):
             sec = Report()

@@ -11,17 +11,28 @@ each family once on its one registry and passes it to whoever counts: no module-
 ``metrics_handler(view)``, ``routes_handler(live)``
                       GET /metrics (the exposition of a registry) and GET /routes (the live
                       table as JSON), for the metrics ports of `serve` and `reloader`.
+
+Label children are cached so the hot path does one dict lookup, not ``labels()`` parsing.
+
+In one process (the default ``--workers 1``) a request's own figures (requests by tenant and
+code, its duration, the tenant's in-flight count) cost no locked increment: they are counted in
+plain ints and added to their families when the registry is collected (a scrape), by a
+collector registered ahead of them. With ``--workers N`` the values live in files the metrics
+port sums across processes, so every request writes through, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import (
@@ -32,6 +43,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 
 from router import logs
 from router.core.live_routes import LiveRoutes
@@ -45,11 +57,40 @@ LATENCY_BUCKETS = (
 
 
 STALE_AGE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Histogram's upper bounds, +Inf included: bisect_left finds the bucket `amount <= bound`.
+_LATENCY_BOUNDS = (*LATENCY_BUCKETS, math.inf)
+
+
+def _multiprocess() -> bool:
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+
+
+class _Flush:
+    """A collector that exposes nothing: collecting it adds the counted figures to their
+    families, which the registry collects after it."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        self._flush()
+        return ()
 
 
 class ProxyMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, batched: bool | None = None) -> None:
+        """``batched``: count per-request figures in plain ints until a scrape (default: when
+        Prometheus' multiprocess mode is off)."""
         self.registry = registry
+        self.batched = not _multiprocess() if batched is None else batched
+        # (tenant, code) -> requests; tenant -> [count per bucket ..., sum of seconds]
+        self._pending_requests: dict[tuple[str, int], int] = {}
+        self._pending_duration: dict[str, list[Any]] = {}
+        if self.batched:
+            registry.register(_Flush(self.flush))
         self.requests = Counter(
             "metrics_router_requests_total",
             "Requests answered, by tenant ('' when none was resolved) and HTTP code.",
@@ -169,6 +210,57 @@ class ProxyMetrics:
         self._duration: dict[str, Histogram] = {}
 
     def observe(self, tenant: str, code: int, seconds: float | None) -> None:
+        if self.batched:
+            key = (tenant, code)
+            pending = self._pending_requests
+            pending[key] = pending.get(key, 0) + 1
+            if seconds is not None:
+                counts = self._pending_duration.get(tenant)
+                if counts is None:
+                    counts = self._pending_duration[tenant] = [0] * len(_LATENCY_BOUNDS) + [0.0]
+                counts[bisect.bisect_left(_LATENCY_BOUNDS, seconds)] += 1
+                counts[-1] += seconds
+            return
+        self._observe(tenant, code, seconds)
+
+    def flush(self) -> None:
+        """Add what ``observe`` counted to the families (a scrape does this first)."""
+        requests, self._pending_requests = self._pending_requests, {}
+        for (tenant, code), n in requests.items():
+            self._request_child(tenant, code).inc(n)
+        durations, self._pending_duration = self._pending_duration, {}
+        for tenant, counts in durations.items():
+            hist = self._duration_child(tenant)
+            # Histogram keeps one value per bucket (made cumulative when collected) and a sum:
+            # add to them what observe() would have, in one step per bucket.
+            for i, n in enumerate(counts[:-1]):
+                if n:
+                    hist._buckets[i].inc(n)
+            hist._sum.inc(counts[-1])
+
+    def track_inflight(self, tenant: str, count: Callable[[], int]) -> Any:
+        """The tenant's in-flight gauge: None when batched (the gauge reads ``count`` when
+        collected), else the child to ``inc()`` and ``dec()`` around each request."""
+        child = self.inflight.labels(tenant)
+        if self.batched:
+            child.set_function(lambda: float(count()))
+            return None
+        return child
+
+    def _request_child(self, tenant: str, code: int) -> Any:
+        key = (tenant, code)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(tenant, str(code))
+        return child
+
+    def _duration_child(self, tenant: str) -> Any:
+        hist = self._duration.get(tenant)
+        if hist is None:
+            hist = self._duration[tenant] = self.duration.labels(tenant)
+        return hist
+
+    def _observe(self, tenant: str, code: int, seconds: float | None) -> None:
         key = (tenant, code)
         child = self._requests.get(key)
         if child is None:

@@ -30,7 +30,7 @@ from router.core import paths, stale, status
 from router.core.live_routes import LiveRoutes
 from router.core.routes import Upstream
 from router.http.client import UpstreamClient, UpstreamError, UpstreamResponse
-from router.http.server import Reply, status_reply
+from router.http.server import RateLimitedLog, Reply, status_reply
 from router.metrics import ProxyMetrics
 from router.settings.serve import RequestHeaderSettings, StaleSettings
 
@@ -66,6 +66,15 @@ _TLS_CAUSE_TEXT = {
     "unknown-ca": "presented a certificate the router does not trust (unknown authority)",
     "hostname-mismatch": "presented a certificate for another name",
 }
+
+# At most one upstream-error log line per tenant per this many seconds (unless the error's
+# kind or cause changes).
+ERROR_LOG_PERIOD = 10.0
+
+# Classifications of request paths remembered (paths.classify is pure): at most this many paths,
+# of at most this many characters each (about 1 MiB at most).
+_TARGET_CACHE_SIZE = 4096
+_TARGET_CACHE_PATH_MAX = 256
 
 _TEXT_TYPE = b"Content-Type: text/plain; charset=utf-8\r\n"
 
@@ -320,9 +329,13 @@ class Proxy:
         self._ready = ready
         self._inflight: dict[str, int] = {}
         self._host_lines: dict[Upstream, bytes] = {}
+        self._targets: dict[str, paths.Target] = {}  # path -> its classification
         self._gauges: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resumed_peer_ok = resumed_peer_ok
+        # During a tenant's outage every request fails: one line per tenant when its
+        # (kind, cause) changes, else at most one per 10 s with the count suppressed.
+        self._error_log = RateLimitedLog(ERROR_LOG_PERIOD, logger)
         # Last good answers per caller (router/core/stale.py), following the routes in force.
         self.stale = stale.StaleCache(stale_settings or StaleSettings())
         self._clock: Callable[[], float] = time.monotonic  # ages of remembered answers
@@ -384,7 +397,17 @@ class Proxy:
         cn: str | None,
     ) -> Reply | Exchange:
         path, _, _query = raw_path.partition("?")
-        target = paths.classify(path)
+        target: paths.Target | status.StatusError | None = self._targets.get(path)
+        if target is None:
+            target = paths.classify(path)
+            # The aggregator asks for the same few metric paths again and again: remember
+            # their (immutable) classification; short paths only, and a bounded number.
+            if (
+                not isinstance(target, status.StatusError)
+                and len(path) <= _TARGET_CACHE_PATH_MAX
+                and len(self._targets) < _TARGET_CACHE_SIZE
+            ):
+                self._targets[path] = target
         if not isinstance(target, status.StatusError) and target.kind is paths.Kind.HEALTH:
             return self._health(path, method)
         # Authenticate before anything else, as kube-apiserver does: a caller without a valid
@@ -455,15 +478,20 @@ class Proxy:
             loop = self._loop = asyncio.get_running_loop()
         tenant = ex.tenant
         self._inflight[tenant] = self._inflight.get(tenant, 0) + 1
-        gauge = self._gauges.get(tenant)
-        if gauge is None:
-            gauge = self._gauges[tenant] = self._metrics.inflight.labels(tenant)
-        gauge.inc()
+        gauge = self._gauges.get(tenant, False)
+        if gauge is False:
+            inflight = self._inflight
+            gauge = self._gauges[tenant] = self._metrics.track_inflight(
+                tenant, lambda: inflight.get(tenant, 0)
+            )
+        if gauge is not None:  # None: the gauge reads self._inflight when scraped
+            gauge.inc()
         ex.started = loop.time()
 
         def done(result: UpstreamResponse | UpstreamError) -> None:
             self._inflight[tenant] -= 1
-            gauge.dec()
+            if gauge is not None:
+                gauge.dec()
             try:
                 reply = self._relay(ex, result, loop.time() - ex.started)
             except Exception:
@@ -482,10 +510,11 @@ class Proxy:
             if result.cause:
                 self._metrics.upstream_tls_errors.labels(tenant, result.cause).inc()
             self._routes.record_error(tenant, result.kind, result.message)
-            logger.warning(
+            self._error_log(
+                tenant, time.monotonic(),
                 "upstream error tenant=%s namespace=%s upstream=%s kind=%s cause=%s error=%r",
                 tenant, ex.namespace, ex.upstream.url, result.kind, result.cause or "-",
-                result.message,
+                result.message, state=(result.kind, result.cause),
             )  # fmt: skip
             reason = stale.reason_for_error(result.kind)
             reply = self._stale_answer(tenant, ex.stale_key, reason, seconds)

@@ -38,7 +38,7 @@ def parse_settings(argv: Sequence[str]) -> Settings:
     p.add_argument("--duration", type=float, help="seconds per ab run (default 5; quick 2)")
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument(
-        "--only", default="", help="comma list of: matrix,scale,isolation,reload,hostile"
+        "--only", default="", help="comma list of: matrix,paced,scale,isolation,reload,hostile"
     )
     p.add_argument(
         "--baseline",

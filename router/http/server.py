@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from router.core import status
 from router.http import tls_errors
@@ -124,25 +125,40 @@ class _DateHeader:
         return self._line
 
 
-class _RateLimitedLog:
-    """At most one log line per key per period; the next line says how many were suppressed."""
+class RateLimitedLog:
+    """At most one log line per key per period; the next line says how many were suppressed.
 
-    def __init__(self, period: float = 10.0) -> None:
+    With ``state`` (for example an upstream error's kind and cause), a key whose state changed
+    logs at once, whatever the period: a new kind of failure is never hidden behind an old one.
+    """
+
+    def __init__(self, period: float = 10.0, log: logging.Logger | None = None) -> None:
         self._period = period
+        self._log = log or logger
         self._last: dict[str, float] = {}
+        self._state: dict[str, object] = {}
         self._suppressed: dict[str, int] = collections.Counter()
 
-    def __call__(self, key: str, now: float, msg: str, *args: object) -> None:
+    def __call__(self, key: str, now: float, msg: str, *args: object, state: object = None) -> None:
         last = self._last.get(key)
-        if last is not None and now - last < self._period:
+        if (
+            last is not None
+            and now - last < self._period
+            and (state is None or self._state.get(key) == state)
+        ):
             self._suppressed[key] += 1
             return
         self._last[key] = now
+        if state is not None:
+            self._state[key] = state
         suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             msg += " (%d similar suppressed)"
             args = (*args, suppressed)
-        logger.warning(msg, *args)
+        self._log.warning(msg, *args)
+
+
+_RateLimitedLog = RateLimitedLog
 
 
 @dataclass(slots=True)
@@ -165,6 +181,7 @@ _WATCHED_LENGTHS = frozenset({6, 14, 17})
 _WATCHED_FIRST = b"EeCcTt"
 
 
+@mypyc_attr(native_class=False)  # a list subclass: a plain Python class when compiled
 class _Discard(list[tuple[bytes, bytes]]):
     """Where trailer fields go: nowhere."""
 
@@ -693,7 +710,8 @@ class ProxyServer:
             reuse_port=reuse_port or None,
             backlog=backlog,
         )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        server: Any = self._server  # uvloop's .sockets is a list, typeshed's a tuple
+        self.port = int(server.sockets[0].getsockname()[1])
         self.now = loop.time()
         self._sweeper = asyncio.create_task(self._sweep(), name="connection-deadlines")
 

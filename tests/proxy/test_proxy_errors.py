@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import ssl
 from pathlib import Path
 
 import pytest
 
 from router.devtools.pki import Pki, issue_cert, make_ca
+from router.http.server import RateLimitedLog
 from tests.conftest import (
     HPA_IDENTITY,
     NoResponseError,
@@ -188,6 +190,49 @@ async def test_stopped_upstream_is_503_service_unavailable(start_router: StartRo
             "metrics_router_upstream_errors_total", {"tenant": "a", "kind": "unreachable"}
         )
         == 1
+    )
+
+
+def test_rate_limited_log_logs_a_changed_state_at_once_and_counts_the_suppressed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = RateLimitedLog(10.0, logging.getLogger("router.test"))
+    with caplog.at_level(logging.WARNING, logger="router.test"):
+        log("a", 100.0, "failed %s", "x", state=("unreachable", ""))
+        log("a", 101.0, "failed %s", "x", state=("unreachable", ""))  # suppressed
+        log("b", 101.0, "failed %s", "y", state=("unreachable", ""))  # another key
+        log("a", 102.0, "failed %s", "x", state=("unreachable", ""))  # suppressed
+        log("a", 103.0, "failed %s", "z", state=("tls", "unknown-ca"))  # changed: at once
+        log("a", 104.0, "failed %s", "z", state=("tls", "unknown-ca"))  # suppressed
+        log("a", 113.5, "failed %s", "z", state=("tls", "unknown-ca"))  # period over
+    assert [r.getMessage() for r in caplog.records] == [
+        "failed x",
+        "failed y",
+        "failed z (2 similar suppressed)",
+        "failed z (1 similar suppressed)",
+    ]
+
+
+async def test_a_tenant_outage_logs_one_line_not_one_per_request(
+    start_router: StartRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await start_router({"a": ["tenant-a"], "b": ["tenant-b"]})
+    await h.stubs["a"].stop()
+    with caplog.at_level(logging.WARNING, logger="router.proxy"):
+        for _ in range(5):
+            assert (await h.request(metric_path("tenant-a"))).status == 503
+        await h.stubs["b"].stop()
+        assert (await h.request(metric_path("tenant-b"))).status == 503
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.proxy"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("upstream error tenant=a namespace=tenant-a upstream=")
+    assert "kind=unreachable" in lines[0]
+    assert lines[1].startswith("upstream error tenant=b ")
+    assert (
+        await h.sample(
+            "metrics_router_upstream_errors_total", {"tenant": "a", "kind": "unreachable"}
+        )
+        == 5
     )
 
 
@@ -464,3 +509,19 @@ async def test_non_ascii_identity_values_pass_byte_for_byte(start_router: StartR
     # The stub decodes header bytes as latin-1: compare the bytes.
     assert seen.header("X-Remote-User")[0].encode("latin-1") == b"j\xc3\xa9r\xc3\xb4me"
     assert seen.header("X-Remote-Group")[0].encode("latin-1") == b"gr\xfcppe"
+
+
+async def test_remembered_path_classifications_still_route_and_refuse_each_time(
+    start_router: StartRouter,
+) -> None:
+    """The proxy remembers how each metric path classifies: routing, the in-flight limit and
+    refusals still happen on every request."""
+    h = await start_router({"a": ["tenant-a"], "b": ["tenant-b"]})
+    for _ in range(3):
+        assert (await h.request(metric_path("tenant-a"))).status == 200
+        assert (await h.request(metric_path("tenant-a", "s1-other") + "?x=1")).status == 200
+        assert_status(await h.request(metric_path("tenant-zz")), 404, "NotFound")
+        assert_status(await h.request(metric_path("Tenant_A")), 400, "BadRequest")
+    h.write_routes(h.routes_for({"b": ["tenant-b"]}))
+    h.router.check_files()
+    assert_status(await h.request(metric_path("tenant-a")), 404, "NotFound")
