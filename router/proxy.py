@@ -43,8 +43,9 @@ _HOP_BY_HOP = frozenset(
     b"transfer-encoding upgrade http2-settings".split()
 )
 _REQUEST_DROP = _HOP_BY_HOP | frozenset(b"host content-length expect authorization cookie".split())
-# Content-Length and Date are the router's own: exactly one of each is sent.
-_RESPONSE_DROP = _HOP_BY_HOP | frozenset([b"content-length", b"date"])
+# Content-Length and Date are the router's own: exactly one of each is sent. Audit-Id is the
+# aggregator's: kube-apiserver sets its own on the answer, so a relayed one would appear twice.
+_RESPONSE_DROP = _HOP_BY_HOP | frozenset([b"content-length", b"date", b"audit-id"])
 # Identity arrives upstream only as what the router copied from a verified peer: any header
 # in the upstream's own requestheader namespace is dropped first.
 _UPSTREAM_IDENTITY_PREFIX = b"x-remote-"

@@ -223,6 +223,22 @@ async def test_upstream_response_header_bytes_pass_through_unchanged(
     assert b"\r\nX-Latin: \xe9t\xe9\r\n" in data
 
 
+async def test_the_upstreams_audit_id_is_not_relayed(start_router: StartRouter, pki: Pki) -> None:
+    """kube-apiserver sets its own Audit-Id on the answer; a relayed one would appear twice."""
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Audit-Id: 11111111-2222-3333-4444-555555555555\r\nX-Kept: 1\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    async with raw_tls_upstream(pki, answering(head)) as upstream:
+        h = await start_with_upstream(start_router, upstream.url)
+        reply = await h.request(metric_path("tenant-a"))
+    assert reply.status == 200
+    names = [name.lower() for name, _ in reply.raw_headers]
+    assert "audit-id" not in names, reply.raw_headers
+    assert "x-kept" in names
+
+
 async def test_request_body_is_never_forwarded_or_parsed_as_a_request(
     start_router: StartRouter,
 ) -> None:

@@ -63,7 +63,8 @@ from tests.conftest import DESIGN_ROUTES
 from tests.core.policy.trees import hnc_namespaces, plain_namespace, talk_tree
 from tests.paths import REPO_ROOT
 
-SCHEMAS = REPO_ROOT.parent / "shared" / "schemas"
+# The CRD schemas the project ships with its tests (tests/deploy/schemas, with their licences).
+SCHEMAS = REPO_ROOT / "tests" / "deploy" / "schemas"
 CILIUM_SCHEMA = SCHEMAS / "cilium.io" / "ciliumclusterwidenetworkpolicy_v2.json"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 K8S_VERSION = "1.30"
@@ -478,8 +479,6 @@ def test_kubernetes_validate_catches_a_broken_networkpolicy() -> None:
 
 @pytest.fixture(scope="module")
 def cilium_validator() -> jsonschema.Draft7Validator:
-    if not CILIUM_SCHEMA.exists():
-        pytest.skip(f"Cilium CRD schema not found at {CILIUM_SCHEMA} (../shared/schemas)")
     schema = json.loads(CILIUM_SCHEMA.read_text())
     return jsonschema.Draft7Validator(schema)
 
