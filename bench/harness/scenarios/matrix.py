@@ -149,6 +149,22 @@ def matrix_report(
         verdicts["ROUTER/NGINX req/s ≥ 0.5 at c≥16"] = (
             f"{'✓' if worst >= 0.5 else '✗'} worst {worst:.2f} (best {max(tput):.2f})"
         )
+    # The goals of the performance issue: 1 worker each, at c=16 and c=64.
+    at = [(cells[("router-1", c)], cells[("nginx-1", c)]) for c in (16, 64)
+          if ("router-1", c) in cells and ("nginx-1", c) in cells]  # fmt: skip
+    if at:
+        cpu = [r.cpu_us() / n.cpu_us() for r, n in at]
+        rps = [r.median("rps") / n.median("rps") for r, n in at]
+        p99 = [r.median("p99") / n.median("p99") for r, n in at]
+        verdicts["router CPU/request within 1.25x NGINX at c=16, 64 (1 worker)"] = (
+            f"{'✓' if max(cpu) <= 1.25 else '✗'} " + " / ".join(f"{x:.2f}x" for x in cpu)
+        )
+        verdicts["ROUTER/NGINX req/s ≥ 0.8 at c=16, 64 (1 worker)"] = (
+            f"{'✓' if min(rps) >= 0.8 else '✗'} " + " / ".join(f"{x:.2f}" for x in rps)
+        )
+        verdicts["router p99 ≤ NGINX p99 at c=16, 64 (1 worker)"] = (
+            f"{'✓' if max(p99) <= 1.0 else '✗'} " + " / ".join(f"{x:.2f}x" for x in p99)
+        )
     if "direct" in names and 1 in settings.concurrency:
         added = [
             cells[(f"router-{w}", 1)].median("p99") - cells[("direct", 1)].median("p99")
