@@ -139,8 +139,8 @@ def setup_notes(upstream_kind: str) -> list[str]:
         upstream,
         "- ROUTER: `metrics-router serve --workers N` (uvloop, httptools on both sides), routes "
         "file of 4 tenants, metrics port on, `--max-idle-connections-per-upstream 64` (the "
-        "default 32 is below the per-tenant in-flight limit of 64: at c=64 half the upstream "
-        "connections would be closed and re-opened), defaults otherwise. NGINX: the talk's "
+        "default: as many as the per-tenant in-flight limit, so c=64 never closes and re-opens "
+        "upstream connections), defaults otherwise. NGINX: the talk's "
         "configuration (bench/nginx/router.conf): namespace regex -> `tenant_$tenant` upstream "
         "with `keepalive 64`, `proxy_ssl_verify "
         "on`, `proxy_ssl_certificate`, `ssl_verify_client on`, access log off, "
