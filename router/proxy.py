@@ -18,7 +18,6 @@ module owns the decisions.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import time
@@ -26,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from router import logs
 from router.core import paths, stale, status
 from router.core.live_routes import LiveRoutes
 from router.core.routes import Upstream
@@ -512,10 +512,11 @@ class Proxy:
                 self._metrics.upstream_tls_errors.labels(tenant, result.cause).inc()
             self._routes.record_error(tenant, result.kind, result.message)
             self._error_log(
-                tenant, time.monotonic(),
-                "upstream error tenant=%s namespace=%s upstream=%s kind=%s cause=%s error=%r",
-                tenant, ex.namespace, ex.upstream.url, result.kind, result.cause or "-",
-                result.message, state=(result.kind, result.cause),
+                tenant, time.monotonic(), "upstream error", state=(result.kind, result.cause),
+                fields={
+                    "tenant": tenant, "namespace": ex.namespace, "upstream": ex.upstream.url,
+                    "kind": result.kind, "cause": result.cause or "-", "error": result.message,
+                },
             )  # fmt: skip
             reason = stale.reason_for_error(result.kind)
             reply = self._stale_answer(tenant, ex.stale_key, reason, seconds)
@@ -569,13 +570,15 @@ class Proxy:
         uri = target.decode("utf-8", "replace")
         metric = uri.partition("?")[0].rsplit("/", 1)[-1] if reply.namespace else ""
         src = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ""
+        # kube-apiserver's httplog fields, each its own key in JSON logs (logs.fields).
         access_logger.info(
-            '"HTTP" verb=%s URI=%s latency=%s userAgent=%s audit-ID=%s srcIP=%s resp=%d '
-            "user=%s tenant=%s namespace=%s metric=%s upstream=%s",
-            json.dumps(method), json.dumps(uri[:2048]), f'"{seconds * 1000:.3f}ms"',
-            json.dumps(agent[:256]), json.dumps(audit[:128]), json.dumps(src), reply.status,
-            json.dumps(user[:256]), json.dumps(reply.tenant), json.dumps(reply.namespace),
-            json.dumps(metric), json.dumps(reply.upstream),
+            "HTTP",
+            extra=logs.fields(
+                verb=method, URI=uri[:2048], latency=f"{seconds * 1000:.3f}ms",
+                userAgent=agent[:256], **{"audit-ID": audit[:128]}, srcIP=src,
+                resp=reply.status, user=user[:256], tenant=reply.tenant,
+                namespace=reply.namespace, metric=metric, upstream=reply.upstream,
+            ),
         )  # fmt: skip
 
     def _stale_answer(

@@ -40,13 +40,14 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httptools
 from mypy_extensions import mypyc_attr
 
+from router import logs
 from router.core import status
 from router.http import tls_errors
 from router.metrics import ProxyMetrics
@@ -139,7 +140,16 @@ class RateLimitedLog:
         self._state: dict[str, object] = {}
         self._suppressed: dict[str, int] = collections.Counter()
 
-    def __call__(self, key: str, now: float, msg: str, *args: object, state: object = None) -> None:
+    def __call__(
+        self,
+        key: str,
+        now: float,
+        msg: str,
+        *args: object,
+        state: object = None,
+        fields: Mapping[str, object] | None = None,
+    ) -> None:
+        """``fields``: the line's structured fields (``logs.fields``), each its own JSON key."""
         last = self._last.get(key)
         if (
             last is not None
@@ -155,7 +165,7 @@ class RateLimitedLog:
         if suppressed:
             msg += " (%d similar suppressed)"
             args = (*args, suppressed)
-        self._log.warning(msg, *args)
+        self._log.warning(msg, *args, extra=logs.fields(**fields) if fields else None)
 
 
 _RateLimitedLog = RateLimitedLog
@@ -761,15 +771,17 @@ class ProxyServer:
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
         if reason == "eof":
             # A TCP health check (connect, close) looks like this: counted, logged at debug.
-            logger.debug("TLS handshake ended by the peer peer=%s", address)
+            logger.debug("TLS handshake ended by the peer", extra=logs.fields(peer=address))
             return
         self._handshake_log(
             reason,
             time.monotonic(),
-            "TLS handshake failed peer=%s reason=%s detail=%s",
-            address,
-            reason,
-            tls_errors.handshake_failure_detail(exc),
+            "TLS handshake failed",
+            fields={
+                "peer": address,
+                "reason": reason,
+                "detail": tls_errors.handshake_failure_detail(exc),
+            },
         )
 
     def forget(self, conn: _ServerConnection) -> None:
