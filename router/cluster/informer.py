@@ -199,10 +199,8 @@ class Informer:
         self.synced.set()
         logger.log(
             logging.INFO if first else logging.DEBUG,
-            "listed resource=%s objects=%d resourceVersion=%s",
-            self.resource,
-            len(fresh),
-            version,
+            "listed",
+            extra=logs.fields(resource=self.resource, objects=len(fresh), resourceVersion=version),
         )
         self._notify(on_change)
 
