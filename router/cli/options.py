@@ -63,11 +63,17 @@ def need_file(errors: list[str], flag: str, value: Path | None) -> None:
         errors.append(f"{flag}: {value} is not a readable file")
 
 
-def host_port(value: str, flag: str, errors: list[str]) -> str | None:
-    """A HOST:PORT flag ('0' = off, None): appends to ``errors`` when it does not parse."""
+def address(value: str, flag: str, errors: list[str]) -> tuple[str, int] | None:
+    """A HOST:PORT flag as (host, port); None when off ('0') or when it does not parse, which
+    appends to ``errors``."""
     try:
-        parsed = parse_host_port(value)
+        return parse_host_port(value)
     except ValueError as exc:
         errors.append(f"{flag}: {exc}")
         return None
-    return None if parsed is None else value
+
+
+def host_port(value: str, flag: str, errors: list[str]) -> str | None:
+    """A HOST:PORT flag as given ('0' = off, None): appends to ``errors`` when it does not
+    parse."""
+    return None if address(value, flag, errors) is None else value

@@ -26,11 +26,11 @@ from prometheus_client import CollectorRegistry
 
 from router import logs
 from router.cli import logs as cli_logs
-from router.cli.options import add_log_arguments
+from router.cli.options import add_log_arguments, address
 from router.cli.tenancy_options import add_tenancy_arguments, tenancy_from_args
 from router.cluster.client import KubeConfigError, api_client
 from router.cluster.kubeconfig import NO_CLUSTER_HINT
-from router.core.option_values import parse_duration, parse_host_port
+from router.core.option_values import parse_duration
 from router.metrics import ReloaderMetrics
 from router.reloader.decide import REASONS
 from router.reloader.health import start_health_server
@@ -175,11 +175,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ReloaderConfig | None, l
 
 
 def _bind_address(value: str, errors: list[str]) -> tuple[str | None, int]:
-    try:
-        parsed = parse_host_port(value)
-    except ValueError as exc:
-        errors.append(f"--health-bind-address: {exc}")
-        return None, 0
+    parsed = address(value, "--health-bind-address", errors)
     if parsed is None:
         return None, 0
     return parsed[0] or "0.0.0.0", parsed[1]
